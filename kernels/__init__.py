@@ -1,0 +1,1 @@
+"""Flash-LoRA-Attention kernels (Triton) and their references."""

@@ -1,0 +1,1 @@
+"""Serving engine: one cache shared by all roles."""

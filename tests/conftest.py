@@ -1,0 +1,28 @@
+import os
+
+# Must be set before any module defining a @triton.jit kernel is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A random tiny GQA Llama base model directory (config.json + safetensors + tokenizer)."""
+    from lragent.testing import make_random_base
+    return make_random_base(tmp_path_factory.mktemp("tiny_base"), "gqa16", seed=0)

@@ -1,0 +1,1 @@
+"""Training of shared-A role adapters."""
