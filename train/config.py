@@ -1,0 +1,213 @@
+"""Typed training config: built once from YAML + dotted ``key=value`` overrides, validated in one place.
+
+Every problem is collected and reported at once (:class:`ConfigError`), one per line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    base: str = "embedded"               # local HF model directory, or "embedded" (the shipped tiny Llama)
+    dtype: str = "float32"               # float32 | bfloat16 | float16: dtype of the frozen base weights
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    share_a: list[str] = field(default_factory=lambda: ["k_proj", "v_proj"])
+    init: str = "kaiming"                # kaiming | svd (one-time, shared)
+
+
+@dataclass
+class DataConfig:
+    train: str = "embedded"              # JSONL path, or "embedded" (generate the toy agent task into the run dir)
+    eval: str | None = "embedded"        # JSONL path, "embedded", or null (no held-out evaluation)
+    roles: list[str] | None = None       # null: the roles found in the training data, in order of appearance
+    max_length: int = 256
+    embedded_train_size: int = 3000      # episodes' records for the embedded task
+    embedded_eval_size: int = 300
+
+
+@dataclass
+class TrainConfig:
+    scheme: str = "joint"                # joint | sequential
+    anchor_role: str | None = None       # sequential: trained first (default: the first role)
+    anchor_fraction: float = 0.34        # sequential: share of max_steps spent on the anchor role
+    max_steps: int = 100
+    batch_size: int = 8                  # per process, per micro-step
+    grad_accum: int = 1
+    lr: float = 2e-3
+    loraplus_ratio: float = 1.0          # LoRA+: lr of B = lr * ratio
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"           # constant | linear | cosine
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"          # no | fp16 | bf16 (passed to accelerate)
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0                  # 0: only at the end
+    eval_max_examples: int = 300         # per role
+    eval_batch_size: int = 32
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"               # disabled | offline | online
+    project: str = "lragent"
+    name: str | None = None
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, typ: Any, key: str, errors: list[str]) -> Any:
+    origin, args = get_origin(typ), get_args(typ)
+    if value is None:
+        if type(None) in args or typ is Any:
+            return None
+        errors.append(f"{key}: must not be null")
+        return None
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in re.split(r"[,\s]+", value) if v]
+        if not isinstance(value, list):
+            errors.append(f"{key}: expected a list, got {value!r}")
+            return value
+        return [_coerce(v, args[0], key, errors) for v in value]
+    if args and type(None) in args:  # Optional[X]
+        inner = [a for a in args if a is not type(None)][0]
+        if isinstance(value, str) and value.lower() in ("null", "none"):
+            return None
+        return _coerce(value, inner, key, errors)
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return typ(value)
+    except (TypeError, ValueError):
+        errors.append(f"{key}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
+        return value
+
+
+def _fill(obj: Any, data: dict, prefix: str, errors: list[str]) -> None:
+    hints = get_type_hints(type(obj))
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            errors.append(f"{name}: unknown key (valid: {', '.join(hints)})")
+            continue
+        cur = getattr(obj, key)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(value, dict):
+                errors.append(f"{name}: expected a mapping")
+                continue
+            _fill(cur, value, f"{name}.", errors)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], name, errors))
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        node = tree
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Config from a YAML file and ``a.b=value`` overrides; raises ConfigError listing every problem."""
+    cfg, errors = Config(), []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+        _fill(cfg, data, "", errors)
+    _fill(cfg, parse_overrides(overrides or []), "", errors)
+    errors += validate(cfg)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def validate(cfg: Config) -> list[str]:
+    e = []
+    t, lo = cfg.train, cfg.lora
+
+    def choice(name, value, allowed):
+        if value not in allowed:
+            e.append(f"{name}: {value!r} is not one of {list(allowed)}")
+
+    choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    choice("lora.init", lo.init, ("kaiming", "svd"))
+    choice("train.scheme", t.scheme, ("joint", "sequential"))
+    choice("train.schedule", t.schedule, ("constant", "linear", "cosine"))
+    choice("train.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
+    choice("wandb.mode", cfg.wandb.mode, ("disabled", "offline", "online"))
+    for name, v in (("lora.rank", lo.rank), ("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
+                    ("train.grad_accum", t.grad_accum), ("data.max_length", cfg.data.max_length)):
+        if isinstance(v, int) and v < 1:
+            e.append(f"{name}: must be >= 1, got {v}")
+    if isinstance(t.lr, float) and t.lr <= 0:
+        e.append(f"train.lr: must be > 0, got {t.lr}")
+    if isinstance(lo.dropout, float) and not 0 <= lo.dropout < 1:
+        e.append(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+    if isinstance(lo.share_a, list) and isinstance(lo.targets, list):
+        bad = [s for s in lo.share_a if s not in lo.targets]
+        if bad:
+            e.append(f"lora.share_a: {bad} are not in lora.targets {lo.targets}")
+    if cfg.data.roles is not None:
+        from lragent.bundle import BundleError, validate_role_name
+        for r in cfg.data.roles:
+            try:
+                validate_role_name(r)
+            except BundleError as err:
+                e.append(f"data.roles: {err}")
+    if t.scheme == "sequential" and not 0 < t.anchor_fraction < 1:
+        e.append(f"train.anchor_fraction: must be in (0, 1), got {t.anchor_fraction}")
+    return e
