@@ -1,0 +1,191 @@
+"""``lragent export``: a training run directory -> bundle v1, verified against PEFT before it is put in place.
+
+Run directory (written by ``lragent.train``)::
+
+    run.json                                    roles, base {name, path, config_sha256}, lora {...}, modules, dtype
+    checkpoints/step-NNNNNN/adapter.safetensors <module>.lora_A | <module>.lora_A.<role> | <module>.lora_B.<role>
+
+The bundle is written to a temp directory; each ``peft/<role>`` adapter in it is then loaded with PEFT on the base
+model and its logits on a probe batch are compared with the bundle's own forward (our shared-A layer loaded from
+the bundle tensors, routed to that role). A mismatch raises and nothing is written.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from lragent.bundle import (Bundle, BundleError, base_fingerprint, load_bundle, target_of, validate_role_name,
+                            write_bundle)
+
+STEP_RE = re.compile(r"^step-(\d+)$")
+PROBE_SHAPE = (2, 16)
+
+
+def read_run(run_dir: str | Path) -> dict:
+    run = Path(run_dir)
+    path = run / "run.json"
+    if not path.is_file():
+        raise BundleError(f"{run} has no run.json: pass a run directory written by 'lragent train'")
+    try:
+        meta = json.loads(path.read_text())
+        lora = meta["lora"]
+        for key in ("rank", "alpha", "targets", "share_a"):
+            lora[key]
+        if not (isinstance(meta["roles"], list) and isinstance(meta["modules"], list) and meta["modules"]):
+            raise TypeError("'roles' and 'modules' must be non-empty lists")
+    except (ValueError, KeyError, TypeError) as e:
+        raise BundleError(f"{path} is not a valid run description ({type(e).__name__}: {e})") from None
+    for role in meta["roles"]:
+        validate_role_name(role)
+    return meta
+
+
+def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
+    """``checkpoints/step-{step:06d}``, or the highest step when ``step`` is None."""
+    ckpts = Path(run_dir) / "checkpoints"
+    if step is not None:
+        path = ckpts / f"step-{step:06d}"
+        if not path.is_dir():
+            have = sorted(p.name for p in ckpts.glob("step-*")) if ckpts.is_dir() else []
+            raise BundleError(f"{path} does not exist (checkpoints: {', '.join(have) or 'none'})")
+    else:
+        steps = sorted((int(m.group(1)), p) for p in (ckpts.iterdir() if ckpts.is_dir() else [])
+                       if p.is_dir() and (m := STEP_RE.match(p.name)))
+        if not steps:
+            raise BundleError(f"{ckpts} holds no step-NNNNNN checkpoint: train longer or pass another --run")
+        path = steps[-1][1]
+    if not (path / "adapter.safetensors").is_file():
+        raise BundleError(f"{path} has no adapter.safetensors (only safetensors checkpoints can be exported)")
+    return path
+
+
+def bundle_from_run(run_dir: str | Path, checkpoint: int | None = None, base_dir: str | Path | None = None) -> Bundle:
+    """Read a run's checkpoint into a :class:`Bundle` (tensors as trained, unscaled)."""
+    from safetensors.torch import load_file
+
+    run = Path(run_dir).absolute()
+    meta = read_run(run)
+    ckpt = find_checkpoint(run, checkpoint)
+    lora, roles, modules = meta["lora"], list(meta["roles"]), sorted(meta["modules"])
+    base = Path(base_dir or meta.get("base", {}).get("path") or "").absolute()
+    got = base_fingerprint(base)
+    want = meta.get("base", {}).get("config_sha256")
+    if want != got:
+        raise BundleError(f"base model {base} does not match the run (config.json sha256 {got[:12]} != "
+                          f"{str(want)[:12]}): pass --base with the model the run was trained on")
+    tensors = load_file(str(ckpt / "adapter.safetensors"))
+    share = set(lora["share_a"])
+    shared_a, role_a, role_b = {}, {r: {} for r in roles}, {r: {} for r in roles}
+    expected = set()
+    for m in modules:
+        if target_of(m) in share:
+            expected.add(f"{m}.lora_A")
+            shared_a[m] = tensors.get(f"{m}.lora_A")
+        for r in roles:
+            expected.add(f"{m}.lora_B.{r}")
+            role_b[r][m] = tensors.get(f"{m}.lora_B.{r}")
+            if target_of(m) not in share:
+                expected.add(f"{m}.lora_A.{r}")
+                role_a[r][m] = tensors.get(f"{m}.lora_A.{r}")
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise BundleError(f"{ckpt}/adapter.safetensors does not match run.json (missing {missing[:2]}, "
+                          f"unexpected {extra[:2]})")
+    bundle = Bundle(
+        roles=roles, rank=int(lora["rank"]), alpha=float(lora["alpha"]), targets=list(lora["targets"]),
+        share_a=list(lora["share_a"]), shared_a=shared_a, role_a=role_a, role_b=role_b,
+        scaling_rule="rslora" if lora.get("rslora") else "standard",
+        base={"name": meta.get("base", {}).get("name") or base.name, "path": str(base), "config_sha256": got},
+        source={"kind": "lragent-train", "run": str(run), "checkpoint": ckpt.name, "dtype": meta.get("dtype"),
+                "scheme": meta.get("scheme"),
+                "lora": {k: lora[k] for k in ("dropout", "init") if k in lora}})
+    bundle.validate()
+    return bundle
+
+
+# -- verification: PEFT's forward of peft/<role> vs the bundle's own forward -----------------------------------
+
+def _load_base(base_dir: Path, device: str):
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    return model.to(device).eval()
+
+
+def bundle_model(model, bundle: Bundle):
+    """Inject our shared-A LoRA layer into ``model`` and load ``bundle``'s tensors (zeros for Linear modules the
+    bundle does not carry). Route a forward to role k with ``lragent.train.lora.roles(model, ids)``."""
+    from lragent.train.lora import LoraSpec, inject_lora, load_lora_state, lora_state
+
+    spec = LoraSpec(roles=list(bundle.roles), rank=bundle.rank, alpha=bundle.alpha,
+                    rslora=bundle.scaling_rule == "rslora", dropout=0.0, targets=list(bundle.targets),
+                    share_a=list(bundle.share_a))
+    wrappers = inject_lora(model, spec)
+    unknown = sorted(set(bundle.modules) - set(wrappers))
+    if unknown:
+        raise BundleError(f"bundle module {unknown[0]} is not a LoRA-targetable Linear of the base model")
+    state = {k: torch.zeros_like(v) for k, v in lora_state(model, bundle.roles).items()}
+    for m in bundle.modules:
+        if bundle.shares_a(m):
+            state[f"{m}.lora_A"] = bundle.shared_a[m]
+        for r in bundle.roles:
+            state[f"{m}.lora_B.{r}"] = bundle.b(m, r)
+            if not bundle.shares_a(m):
+                state[f"{m}.lora_A.{r}"] = bundle.a(m, r)
+    load_lora_state(model, bundle.roles, state)
+    return model
+
+
+@torch.no_grad()
+def verify_peft(bundle_dir: str | Path, base_dir: str | Path, *, tol: float = 1e-5, device: str = "cpu",
+                seed: int = 0) -> dict[str, float]:
+    """Load every ``peft/<role>`` of the bundle with PEFT on the base model (fp32) and compare its logits on a
+    random probe batch with the bundle's own forward. Error measure: max |logits_peft - logits_bundle| divided by
+    max(1, max |logits_bundle|) (fp32 rounding grows with the logit scale); raise :class:`BundleError` above ``tol``.
+    Returns {role: max abs logit difference}. Uses one copy of the base weights (PEFT is unloaded first)."""
+    from peft import PeftModel
+
+    root, base_dir = Path(bundle_dir), Path(base_dir)
+    bundle = load_bundle(root, base_dir=base_dir)
+    model = _load_base(base_dir, device)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, PROBE_SHAPE, generator=gen).to(device)
+    peft_logits = {}
+    pm = None
+    for role in bundle.roles:
+        path = str(root / "peft" / role)
+        if pm is None:
+            pm = PeftModel.from_pretrained(model, path, adapter_name=role, is_trainable=False)
+        else:
+            pm.load_adapter(path, adapter_name=role, is_trainable=False)
+        pm.set_adapter(role)
+        peft_logits[role] = pm(input_ids=ids).logits.float()
+    model = bundle_model(pm.unload(), bundle)
+    from lragent.train.lora import roles as route
+
+    errors = {}
+    for k, role in enumerate(bundle.roles):
+        with route(model, torch.full((ids.shape[0],), k, device=device)):
+            ours = model(input_ids=ids).logits.float()
+        err = (peft_logits[role] - ours).abs().max().item()
+        scale = max(1.0, ours.abs().max().item())
+        if not err <= tol * scale:
+            raise BundleError(f"peft/{role} does not reproduce the bundle's forward: max |logit diff| {err:.3g} > "
+                              f"{tol:g} x {scale:.3g} (PEFT export is wrong; nothing was written)")
+        errors[role] = err
+    return errors
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: int | None = None, force: bool = False,
+               base_dir: str | Path | None = None, device: str = "cpu", tol: float = 1e-5) -> tuple[Path, dict]:
+    """Export a run's checkpoint as a bundle (atomic, PEFT-verified). Returns (bundle path, {role: logit error})."""
+    bundle = bundle_from_run(run_dir, checkpoint, base_dir)
+    errors: dict[str, float] = {}
+
+    def verify(tmp: Path) -> None:
+        errors.update(verify_peft(tmp, bundle.base["path"], tol=tol, device=device))
+
+    out = write_bundle(bundle, out_dir, force=force, verify=verify)
+    return out, errors
