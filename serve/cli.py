@@ -1,0 +1,277 @@
+"""``lragent generate | run | chat``: the serving commands (``add_serve_commands`` registers them on a parser).
+
+    lragent generate --bundle B --role planner --prompt "find the value of k7 ." [--mode M] [--json]
+    lragent run --bundle B --trajectory examples/trajectories/toy_lookup_3_rounds.json --mode all
+    lragent chat --bundle B [--role planner]        (/role NAME, /tool TEXT, /go, /reset, /stats, /quit)
+
+Errors are one line on stderr and exit code 2. Also runnable as ``python -m lragent.serve.cli``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from lragent.bundle import BundleError
+
+from .config import ServeError
+from .engine import MODES, Engine
+from .report import comparison_table, human_bytes, summary_table, turns_table
+from .sampling import SamplingParams
+from .trajectory import check_roles, load_trajectory, median_runs, run_trajectory, summarize
+
+
+def _engine_args(p: argparse.ArgumentParser, *, allow_all: bool = False) -> None:
+    p.add_argument("--bundle", required=True, help="bundle directory (lragent export / import-peft)")
+    p.add_argument("--base", default=None, help="base model directory (default: the path recorded in the bundle)")
+    modes = list(MODES) + (["all"] if allow_all else [])
+    p.add_argument("--mode", default=None, metavar="|".join(modes),
+                   help="cache mode (default: lrshared when the bundle shares A on every cached target, "
+                        "else nonshared)" + ("; all: compare the four modes" if allow_all else ""))
+    p.add_argument("--dtype", default="auto", help="float32 | float16 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default="auto", help="cpu | cuda[:N] | auto")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
+    p.add_argument("--cache-tokens", type=int, default=16384, help="cache pool capacity in tokens")
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step (prefill chunk)")
+    p.add_argument("--attention", default="auto", help="auto | torch | triton")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up request (first-call overheads) "
+                   "before timing")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (run: the trajectory's)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", default=None)
+
+
+def _sampling_overrides(args) -> dict:
+    d = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+         "seed": args.seed, "stop": tuple(args.stop) if args.stop else None, "ignore_eos": args.ignore_eos}
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _make_engine(args, mode, base=None) -> Engine:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if str(device).startswith("cuda") else "float32")
+    if args.block_size < 1 or args.cache_tokens < 1:
+        raise ServeError("--block-size and --cache-tokens must be positive")
+    return Engine(args.bundle, base=args.base or base, mode=mode, dtype=dtype, device=device,
+                  block_size=args.block_size, cache_tokens=args.cache_tokens,
+                  max_batch_tokens=args.max_batch_tokens, attention=args.attention)
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _guard(fn):
+    def run(args) -> int:
+        try:
+            return fn(args) or 0
+        except (ServeError, BundleError) as e:
+            return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except KeyboardInterrupt:
+            return 130
+    run.__name__ = fn.__name__
+    return run
+
+
+def _cache_line(st: dict) -> str:
+    return (f"cache: base {human_bytes(st['base_bytes'])}, low-rank {human_bytes(st['lowrank_bytes'])}, "
+            f"free {human_bytes(st['free_bytes'])} (mode {st['mode']})")
+
+
+# ---------------------------------------------------------------------------------------------------- generate
+@_guard
+def cmd_generate(args) -> int:
+    engine = _make_engine(args, args.mode)
+    role = args.role or engine.roles[0]
+    engine.role_index(role)
+    if not args.no_warmup:
+        engine.warmup()
+    if args.raw:
+        ids = engine.encode(args.prompt)
+    else:
+        ids = engine.render([{"role": "user", "content": args.prompt}], role)
+    out = engine.generate(ids, role, SamplingParams(**_sampling_overrides(args)))
+    st = engine.stats()
+    if args.json:
+        print(json.dumps({**out.as_dict(), "mode": engine.mode, "engine": _json_stats(st)}))
+    else:
+        print(out.text)
+        s = out.stats
+        print(f"[{role}] prompt {s.prompt_tokens} tokens (prefilled {s.prefilled_tokens}, reused {s.reused_tokens}), "
+              f"TTFT {s.ttft_s * 1e3:.1f} ms, {s.generated_tokens} tokens at {s.decode_tok_s:.0f} tok/s, "
+              f"finish: {out.finish_reason}; {_cache_line(st)}", file=sys.stderr)
+    return 0
+
+
+def _json_stats(st: dict) -> dict:
+    return {k: v for k, v in st.items()}
+
+
+# --------------------------------------------------------------------------------------------------------- run
+@_guard
+def cmd_run(args) -> int:
+    traj = load_trajectory(args.trajectory)
+    if args.repeat < 1:
+        raise ServeError("--repeat must be >= 1")
+    overrides = _sampling_overrides(args)
+    traj.defaults = {**traj.defaults, **overrides}
+    modes = list(MODES) if args.mode == "all" else [args.mode]
+    if args.mode not in (None, "all") and args.mode not in MODES:
+        raise ServeError(f"unknown mode {args.mode!r}: use one of {', '.join(MODES)} or all")
+    per_mode, summaries, skipped = {}, {}, {}
+    for mode in modes:
+        try:
+            engine = _make_engine(args, mode, base=traj.base)
+        except ServeError as e:
+            if args.mode != "all":
+                raise
+            skipped[mode] = str(e)
+            continue
+        check_roles(traj, engine.roles)
+        if not args.no_warmup:
+            engine.warmup()
+        runs = []
+        for _ in range(args.repeat):
+            engine.clear_cache()
+            runs.append(run_trajectory(engine, traj))
+        results = median_runs(runs)
+        per_mode[engine.mode] = results
+        summaries[engine.mode] = summarize(results)
+        if not args.json:
+            print(f"== {traj.name}: mode {engine.mode} ({len(engine.roles)} roles, {engine.dtype}, "
+                  f"{engine.device}, block {engine.block_size}, attention {engine.runner.attention}"
+                  f"{f', median of {args.repeat} runs' if args.repeat > 1 else ''})")
+            print(turns_table(results))
+            print(_cache_line(engine.stats()))
+            print()
+        del engine
+    if not per_mode:
+        raise ServeError(next(iter(skipped.values())))
+    if args.json:
+        print(json.dumps({"trajectory": traj.name, "modes": {m: {"turns": [r.as_dict() for r in rs],
+                                                                   "summary": summaries[m]}
+                                                               for m, rs in per_mode.items()},
+                          "skipped": skipped}))
+        return 0
+    if len(per_mode) > 1:
+        print(f"== {traj.name}: modes side by side (prompt tokens prefilled/reused, TTFT)")
+        print(comparison_table(per_mode))
+        print()
+        print(summary_table(summaries))
+    for mode, why in skipped.items():
+        print(f"{mode}: skipped ({why})")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------------- chat
+CHAT_HELP = ("type a message (appended as 'user', then the current role replies); /role NAME switches role; "
+             "/go lets the current role speak; /tool TEXT appends a tool observation; /reset; /stats; /quit")
+
+
+@_guard
+def cmd_chat(args) -> int:
+    engine = _make_engine(args, args.mode)
+    role = args.role or engine.roles[0]
+    engine.role_index(role)
+    params = SamplingParams(**{"max_new_tokens": 64, **_sampling_overrides(args)})
+    if not args.no_warmup:
+        engine.warmup()
+    messages: list[dict] = []
+    print(f"roles: {', '.join(engine.roles)}; mode {engine.mode}. {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input(f"{role}> ")
+        except EOFError:
+            return 0
+        line = line.strip()
+        speak = True
+        if line in ("/quit", "/exit"):
+            return 0
+        if line.startswith("/role"):
+            name = line[5:].strip()
+            if name not in engine.roles:
+                print(f"unknown role {name!r}: roles are {', '.join(engine.roles)}", file=sys.stderr)
+            else:
+                role = name
+            continue
+        if line == "/reset":
+            messages.clear()
+            continue
+        if line == "/stats":
+            print(_cache_line(engine.stats()), file=sys.stderr)
+            continue
+        if line.startswith("/tool"):
+            messages.append({"role": "tool", "content": line[5:].strip()})
+            continue
+        if line == "/go":
+            pass
+        elif line.startswith("/"):
+            print(CHAT_HELP, file=sys.stderr)
+            continue
+        elif line:
+            messages.append({"role": "user", "content": line})
+        else:
+            speak = False
+        if not speak:
+            continue
+        out = engine.generate(engine.render(messages, role), role, params)
+        messages.append({"role": role, "content": out.text.strip()})
+        s = out.stats
+        if args.json:
+            print(json.dumps(out.as_dict()))
+        else:
+            print(f"{role} : {out.text.strip()}")
+            print(f"  [prefilled {s.prefilled_tokens}, reused {s.reused_tokens}, TTFT {s.ttft_s * 1e3:.1f} ms, "
+                  f"{s.decode_tok_s:.0f} tok/s]", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------- wiring
+def add_serve_commands(subparsers) -> None:
+    """Register ``generate``, ``run`` and ``chat`` (each sets ``func``: args -> exit code)."""
+    p = subparsers.add_parser("generate", help="one request for one role")
+    _engine_args(p)
+    p.add_argument("--role", default=None, help="role adapter to use (default: the bundle's first role)")
+    p.add_argument("--prompt", required=True, help="user message (rendered with the chat template for --role)")
+    p.add_argument("--raw", action="store_true", help="tokenize --prompt as is (no chat template)")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser("run", help="replay a multi-role trajectory; per-turn TTFT, reuse, cache bytes")
+    _engine_args(p, allow_all=True)
+    p.add_argument("--trajectory", required=True, help="trajectory JSON file (see examples/trajectories/)")
+    p.add_argument("--repeat", type=int, default=1, help="replay N times (fresh cache each) and report the median "
+                   "TTFT / decode speed per turn")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = subparsers.add_parser("chat", help="interactive; /role NAME switches role")
+    _engine_args(p)
+    p.add_argument("--role", default=None, help="starting role (default: the bundle's first role)")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lragent.serve.cli", description="lragent serving commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_commands(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""A lean torch implementation of the paged Flash-LoRA-Attention call: the engine's CPU path.
+
+Same semantics and signature as ``lragent.kernels.flash_lora_attention_paged_ref`` (tested against it), built for
+few-token steps over long contexts, where the cost is the number of torch ops, not FLOPs:
+
+- grouped-query heads are batched as rows (no K/V repetition per query head);
+- the key term is expanded with ONE matmul of the gathered L_k rows against [B_k | rotate_half(B_k)]: rotate_half
+  is linear, so RoPE(L B) = (L B) * cos + (L rotate_half(B)) * sin, and K' = K + that is two fused multiply-adds;
+- the value term is never expanded: O = P V + (P L_v) B_v (the Flash-LoRA-Attention reordering), which costs
+  H*Sq*r per key instead of H_kv*D*r;
+- single-query rows (decode) need no mask.
+
+Engine-only extras: ``prepared`` (B laid out per adapter, built once by :func:`prepare_b`), ``lr_cache`` (the
+[num_lr_blocks, block_size, m*r] tensor of which ``lr_k_cache`` / ``lr_v_cache`` are views: one gather) and ``plan``
+(a :class:`Plan`: the per-step bookkeeping shared by all layers). Without them it takes the standard arguments.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+def prepare_b(b_k: torch.Tensor | None, b_v: torch.Tensor | None) -> dict:
+    """b_k, b_v [N, H_kv, r, D] -> {"k": per adapter [r, 2*H_kv*D] (B_k | rotate_half(B_k)), "v": per adapter
+    [H_kv, r, D]} (fp32 lists, None where absent), laid out once for :func:`paged_attention_cpu`."""
+    out = {"k": None, "v": None}
+    if b_k is not None:
+        n, h_kv, r, d = b_k.shape
+        both = torch.stack([b_k.float(), _rotate_half(b_k.float())], dim=1)        # [N, 2, H_kv, r, D]
+        out["k"] = list(both.permute(0, 3, 1, 2, 4).reshape(n, r, 2 * h_kv * d).contiguous())
+    if b_v is not None:
+        out["v"] = list(b_v.float().contiguous())
+    return out
+
+
+class Plan:
+    """What every layer of one engine step shares: per-sequence lists and flat token indices into the caches
+    (block * block_size + slot for positions 0..n-1), and the RoPE rows of the key positions. Built once per step."""
+
+    def __init__(self, block_table, seq_lens, cu_seqlens_q, agent_ids, lr_block_table, block_size, cos=None,
+                 sin=None, n_kv: int = 1):
+        self.cu, self.lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+        self.agents = agent_ids.tolist() if agent_ids is not None else [0] * len(self.lens)
+        self.tok = self._token_index(block_table, block_size)
+        self.lr_tok = self.tok if lr_block_table is None or lr_block_table is block_table else \
+            self._token_index(lr_block_table, block_size)
+        self.cos = self.sin = None
+        if cos is not None:
+            # expanded over the KV heads and contiguous: broadcasting in the per-layer multiply-adds is slow
+            self.cos = [cos[:n, None, :].float().expand(n, n_kv, -1).contiguous() for n in self.lens]
+            self.sin = [sin[:n, None, :].float().expand(n, n_kv, -1).contiguous() for n in self.lens]
+
+    def _token_index(self, table, bs):
+        slots = torch.arange(bs, device=table.device)
+        flat = (table.long()[:, :, None] * bs + slots).view(table.shape[0], -1)
+        return [flat[b, :n] for b, n in enumerate(self.lens)]
+
+
+def paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, lr_v_cache=None, b_v=None,
+                        agent_ids=None, lr_block_table=None, lr_k_cache=None, b_k=None, cos=None, sin=None,
+                        softmax_scale=None, prepared: dict | None = None, lr_cache: torch.Tensor | None = None,
+                        plan: Plan | None = None):
+    """``flash_lora_attention_paged`` semantics in torch (fp32 math, one sequence at a time); see the module doc."""
+    total_q, n_heads, d = q.shape
+    n_kv = k_cache.shape[2]
+    group = n_heads // n_kv
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    has_lr = lr_k_cache is not None or lr_v_cache is not None
+    if has_lr and prepared is None:
+        prepared = prepare_b(b_k if lr_k_cache is not None else None, b_v if lr_v_cache is not None else None)
+    if plan is None:
+        plan = Plan(block_table, seq_lens, cu_seqlens_q, agent_ids, lr_block_table, k_cache.shape[1],
+                    cos if lr_k_cache is not None else None, sin, n_kv)
+    f32 = q.dtype == torch.float32 and k_cache.dtype == torch.float32
+    k_flat, v_flat = k_cache.reshape(-1, n_kv, d), v_cache.reshape(-1, n_kv, d)    # views for contiguous caches
+    if has_lr:
+        bk, bv = prepared["k"], prepared["v"]
+        if lr_cache is not None:
+            lr_flat = lr_cache.reshape(-1, lr_cache.shape[-1])
+        else:
+            lr_flat = torch.cat([c.reshape(-1, c.shape[-1]) for c in (lr_k_cache, lr_v_cache) if c is not None], 1)
+        r = lr_flat.shape[-1] // ((bk is not None) + (bv is not None))
+        w = n_kv * d
+    qs = (q if f32 else q.float()) * scale
+    out = torch.empty_like(q)
+    for b, n in enumerate(plan.lens):
+        q0, q1 = plan.cu[b], plan.cu[b + 1]
+        sq = q1 - q0
+        if sq == 0:
+            continue
+        tok = plan.tok[b]
+        k, v = k_flat.index_select(0, tok), v_flat.index_select(0, tok)          # [n, H_kv, D]
+        if not f32:
+            k, v = k.float(), v.float()
+        if has_lr:
+            a = plan.agents[b]
+            lr = lr_flat.index_select(0, plan.lr_tok[b])                         # [n, m*r] = [L_k | L_v]
+            if not f32:
+                lr = lr.float()
+            if bk is not None:                                                   # K' = K + RoPE(L_k B_k)
+                e = lr[:, :r] @ bk[a]
+                k = k.addcmul(e[:, :w].view(n, n_kv, d), plan.cos[b]).addcmul_(e[:, w:].view(n, n_kv, d),
+                                                                                plan.sin[b])
+        qb = qs[q0:q1].view(sq, n_kv, group, d).permute(1, 2, 0, 3).reshape(n_kv, group * sq, d)
+        s = torch.bmm(qb, k.permute(1, 2, 0))                                   # [H_kv, G*sq, n]
+        if sq > 1:
+            mask = torch.ones(sq, n, dtype=torch.bool, device=q.device).triu_(n - sq + 1)
+            s = s.view(n_kv, group, sq, n).masked_fill_(mask, float("-inf")).view(n_kv, group * sq, n)
+        p = torch.softmax(s, dim=-1)
+        o = torch.bmm(p, v.transpose(0, 1))                                      # [H_kv, G*sq, D]
+        if has_lr and bv is not None:                                            # + (P L_v) B_v
+            o = torch.baddbmm(o, torch.matmul(p, lr[:, -r:]), bv[a])
+        out[q0:q1] = o.view(n_kv, group, sq, d).permute(2, 0, 1, 3).reshape(sq, n_heads, d)
+    return out

@@ -1,0 +1,122 @@
+"""Role adapters of a bundle, laid out for serving: per layer and target, A (scaling folded in) and stacked B.
+
+Scaling is folded once into A, so ``x @ A_s^T`` is the low-rank activation ``L = s X A`` that the shared modes cache,
+and the LoRA delta of role ``i`` is ``(x @ A_s^T) @ B[i]^T``.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from lragent.bundle import Bundle, layer_of, target_of
+
+from .config import LORA_TARGETS, ModelConfig, ServeError
+
+
+@dataclass
+class LoraModule:
+    a: torch.Tensor          # shared: [r, in]; per role: [N, r, in]   (scaled by s)
+    b: torch.Tensor          # [N, out, r]
+    shared: bool
+
+    def project(self, x: torch.Tensor, role: int | None = None) -> torch.Tensor:
+        """L = s x A for the role (or the shared A): [T, r]."""
+        return x @ (self.a if self.shared else self.a[role]).T
+
+
+# A group is (role index, token indices or None for "all tokens of the batch").
+Groups = list[tuple[int, torch.Tensor | None]]
+
+
+def lora_delta(x: torch.Tensor, mod: LoraModule, groups: Groups) -> torch.Tensor:
+    """Per-token LoRA delta where each group of tokens uses its role's adapter: [T, out]."""
+    if len(groups) == 1 and groups[0][1] is None:
+        role = groups[0][0]
+        return mod.project(x, role) @ mod.b[role].T
+    out = x.new_zeros(x.shape[0], mod.b.shape[1])
+    xa_all = x @ mod.a.T if mod.shared else None
+    for role, idx in groups:
+        xa = xa_all[idx] if mod.shared else x[idx] @ mod.a[role].T
+        out[idx] = xa @ mod.b[role].T
+    return out
+
+
+def _tensor_digest(h, name: str, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+class RoleAdapters:
+    """All roles of one bundle on one base model, on the serving device and dtype."""
+
+    def __init__(self, bundle: Bundle, cfg: ModelConfig, *, dtype: torch.dtype, device):
+        self.roles = list(bundle.roles)
+        self.index = {r: i for i, r in enumerate(self.roles)}
+        self.rank, self.scaling = bundle.rank, bundle.scaling
+        self.targets = sorted({target_of(m) for m in bundle.modules})
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad:
+            raise ServeError(f"bundle targets {bad} are not supported; the engine applies LoRA on {LORA_TARGETS}")
+        self.share_a = set(bundle.share_a)
+        dims = {"q_proj": (cfg.hidden_size, cfg.num_heads * cfg.head_dim), "k_proj": (cfg.hidden_size, cfg.d_kv),
+                "v_proj": (cfg.hidden_size, cfg.d_kv), "o_proj": (cfg.num_heads * cfg.head_dim, cfg.hidden_size),
+                "gate_proj": (cfg.hidden_size, cfg.intermediate_size),
+                "up_proj": (cfg.hidden_size, cfg.intermediate_size),
+                "down_proj": (cfg.intermediate_size, cfg.hidden_size)}
+        by_layer: list[dict[str, str]] = [{} for _ in range(cfg.num_layers)]
+        for m in bundle.modules:
+            li = layer_of(m)
+            if li >= cfg.num_layers:
+                raise ServeError(f"bundle module {m} is beyond the base model's {cfg.num_layers} layers: wrong --base?")
+            by_layer[li][target_of(m)] = m
+        r, s = self.rank, self.scaling
+        self.layers: list[dict[str, LoraModule]] = []
+        for li in range(cfg.num_layers):
+            mods = {}
+            for t in self.targets:
+                fin, fout = dims[t]
+                name = by_layer[li].get(t)
+                shared = t in self.share_a
+                if name is None:   # a target missing in this layer: a zero adapter keeps the layout uniform
+                    a = torch.zeros(r, fin) if shared else torch.zeros(len(self.roles), r, fin)
+                    b = torch.zeros(len(self.roles), fout, r)
+                else:
+                    a_list = [bundle.a(name, role).float() for role in (self.roles[:1] if shared else self.roles)]
+                    a = a_list[0] if shared else torch.stack(a_list)
+                    b = torch.stack([bundle.b(name, role).float() for role in self.roles])
+                    if a.shape[-1] != fin or b.shape[1] != fout:
+                        raise ServeError(f"bundle module {name}: A {list(a.shape)} / B {list(b.shape)} do not fit "
+                                         f"the base model ({fin} -> {fout}): wrong --base?")
+                mods[t] = LoraModule(a=(a * s).to(device=device, dtype=dtype).contiguous(),
+                                     b=b.to(device=device, dtype=dtype).contiguous(), shared=shared)
+            self.layers.append(mods)
+        hk, d = cfg.num_kv_heads, cfg.head_dim
+        # B of the cached projections in the kernel's per-head layout [N, H_kv, r, D].
+        self.b_heads: list[dict[str, torch.Tensor]] = [
+            {t: mods[t].b.view(len(self.roles), hk, d, r).permute(0, 1, 3, 2).contiguous()
+             for t in ("k_proj", "v_proj") if t in mods} for mods in self.layers]
+        # The cached targets' A stacked ([m*r, in]) when every one is shared: L_k and L_v in one matmul.
+        cached = self.cached_targets()
+        self.lr_a_t = [torch.cat([mods[t].a for t in cached]).T.contiguous()
+                       if cached and self.shares_cached_a() else None for mods in self.layers]
+        self.role_hash = {}
+        for role in self.roles:
+            h = hashlib.sha256(f"scaling={s!r}".encode())
+            for name in bundle.modules:
+                _tensor_digest(h, name + ".A", bundle.a(name, role))
+                _tensor_digest(h, name + ".B", bundle.b(name, role))
+            self.role_hash[role] = h.hexdigest()
+        fam = bundle.a_family_hash
+        if fam is None:   # no shared A: the family is the whole bundle (all roles' tensors)
+            fam = hashlib.sha256("".join(self.role_hash[r] for r in self.roles).encode()).hexdigest()
+        self.family = fam
+
+    def cached_targets(self) -> list[str]:
+        """The cached projections that carry LoRA (k_proj, v_proj), i.e. m = len(...)."""
+        return [t for t in ("k_proj", "v_proj") if t in self.targets]
+
+    def shares_cached_a(self) -> bool:
+        return all(t in self.share_a for t in self.cached_targets())

@@ -1,0 +1,42 @@
+"""Sampling parameters and next-token selection: greedy, or temperature + top-p with a per-request seed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ServeError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0          # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None           # per request, so results do not depend on batching
+    stop: tuple[str, ...] = ()        # stop strings (the text is cut before them)
+    ignore_eos: bool = False
+    return_logits: bool = False
+
+    def __post_init__(self):
+        self.stop = tuple(self.stop or ())
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ServeError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise ServeError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ServeError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token id from fp32 logits [vocab]."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        drop = cum - sorted_p > params.top_p          # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,74 @@
+"""Random role bundles on a base model (for tests, demos and benchmarks; offline)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lragent.bundle import Bundle, base_fingerprint, write_bundle
+
+from .config import ModelConfig
+
+
+def random_bundle(base_dir: str | Path, *, roles=("planner", "actor", "reflector"), rank: int = 8,
+                  alpha: float | None = None, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                  share_a=("k_proj", "v_proj"), seed: int = 0, b_std: float = 0.08, a_std: float | None = None,
+                  identical: bool = False) -> Bundle:
+    """A bundle with random A and B (B non-zero, so roles really differ) for every layer of ``targets``.
+    ``identical``: every role gets the same tensors."""
+    cfg = ModelConfig.from_dir(base_dir)
+    dims = {"q_proj": (cfg.hidden_size, cfg.num_heads * cfg.head_dim), "k_proj": (cfg.hidden_size, cfg.d_kv),
+            "v_proj": (cfg.hidden_size, cfg.d_kv), "o_proj": (cfg.num_heads * cfg.head_dim, cfg.hidden_size),
+            "gate_proj": (cfg.hidden_size, cfg.intermediate_size), "up_proj": (cfg.hidden_size, cfg.intermediate_size),
+            "down_proj": (cfg.intermediate_size, cfg.hidden_size)}
+    g = torch.Generator().manual_seed(seed)
+    a_std = a_std if a_std is not None else 1.0 / cfg.hidden_size ** 0.5
+    shared_a, role_a, role_b = {}, {r: {} for r in roles}, {r: {} for r in roles}
+    for li in range(cfg.num_layers):
+        for t in targets:
+            fin, fout = dims[t]
+            part = "mlp" if t in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            name = f"model.layers.{li}.{part}.{t}"
+            if t in share_a:
+                shared_a[name] = torch.randn(rank, fin, generator=g) * a_std
+            first_a, first_b = None, None
+            for r in roles:
+                if identical and first_b is not None:
+                    a, b = first_a, first_b
+                else:
+                    a = torch.randn(rank, fin, generator=g) * a_std
+                    b = torch.randn(fout, rank, generator=g) * b_std
+                    first_a, first_b = a, b
+                if t not in share_a:
+                    role_a[r][name] = a.clone()
+                role_b[r][name] = b.clone()
+    base = {"name": Path(base_dir).name, "path": str(Path(base_dir).absolute()),
+            "config_sha256": base_fingerprint(base_dir)}
+    return Bundle(roles=list(roles), rank=rank, alpha=float(alpha if alpha is not None else 2 * rank),
+                  targets=list(targets), share_a=list(share_a), shared_a=shared_a, role_a=role_a, role_b=role_b,
+                  base=base, source={"kind": "random", "seed": seed})
+
+
+def write_random_bundle(base_dir, out_dir, **kw) -> Path:
+    return write_bundle(random_bundle(base_dir, **kw), out_dir, force=True)
+
+
+
+
+def hf_peft_greedy(base_dir, peft_dir, prompt_ids: list[int], n: int):
+    """The oracle: Hugging Face transformers + PEFT with one role's adapter and its own KV cache, greedy.
+    Returns (token ids, logits [n, vocab] fp32)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(peft_dir)).eval()
+    toks, logits = [], []
+    with torch.no_grad():
+        out = model(torch.tensor([prompt_ids]), use_cache=True)
+        for _ in range(n):
+            row = out.logits[0, -1].float()
+            logits.append(row)
+            toks.append(int(row.argmax()))
+            out = model(torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return toks, torch.stack(logits)

@@ -1,0 +1,95 @@
+"""The engine's CPU attention path against the kernels' reference, and the engine on each attention backend."""
+import pytest
+import torch
+
+from lragent.kernels import flash_lora_attention_paged_ref
+from lragent.serve.config import ModelConfig, ServeError
+from lragent.serve.cpu_attention import paged_attention_cpu
+from lragent.serve.engine import Engine
+from lragent.serve.sampling import SamplingParams
+from lragent.serve.testing import write_random_bundle
+from lragent.testing import make_random_base
+
+
+def paged_inputs(dtype, *, h=4, h_kv=2, d=16, r=8, bs=4, n_agents=3, seed=0, separate_lr=True):
+    g = torch.Generator().manual_seed(seed)
+    sq, sk = [5, 1, 3], [9, 14, 3]                     # a prefill chunk, a decode step, a first chunk
+    nb = 16
+    perm = torch.randperm(nb, generator=g).to(torch.int32)
+    table = torch.stack([perm[i * 4:(i + 1) * 4] for i in range(3)])
+    lr_perm = torch.randperm(nb, generator=g).to(torch.int32)
+    lr_table = torch.stack([lr_perm[i * 4:(i + 1) * 4] for i in range(3)]) if separate_lr else None
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+    cfg = ModelConfig(model_type="llama", vocab_size=8, hidden_size=h * d, intermediate_size=8, num_layers=1,
+                      num_heads=h, num_kv_heads=h_kv, head_dim=d)
+    cos, sin = cfg.rope_tables(64)
+    return dict(q=rnd(sum(sq), h, d), k_cache=rnd(nb, bs, h_kv, d), v_cache=rnd(nb, bs, h_kv, d), block_table=table,
+                seq_lens=torch.tensor(sk, dtype=torch.int32),
+                cu_seqlens_q=torch.tensor([0, 5, 6, 9], dtype=torch.int32),
+                lr_v_cache=rnd(nb, bs, r), lr_k_cache=rnd(nb, bs, r), b_v=rnd(n_agents, h_kv, r, d) * 0.3,
+                b_k=rnd(n_agents, h_kv, r, d) * 0.3, agent_ids=torch.tensor([2, 0, 1], dtype=torch.int32),
+                lr_block_table=lr_table, cos=cos, sin=sin)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("lora", ["kv", "v", "none"])
+@pytest.mark.parametrize("gqa", [(4, 2), (4, 4), (4, 1)])
+def test_cpu_path_matches_reference(dtype, tol, lora, gqa):
+    kw = paged_inputs(dtype, h=gqa[0], h_kv=gqa[1], separate_lr=lora != "v")
+    if "k" not in lora:
+        kw.update(lr_k_cache=None, b_k=None, cos=None, sin=None)
+    if lora == "none":
+        kw.update(lr_v_cache=None, b_v=None, agent_ids=None, lr_block_table=None)
+    args = [kw.pop(k) for k in ("q", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q")]
+    ref = flash_lora_attention_paged_ref(*args, **kw)
+    out = paged_attention_cpu(*args, **kw)
+    assert out.dtype == ref.dtype
+    assert (out.float() - ref.float()).abs().max().item() <= tol
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    d = tmp_path_factory.mktemp("attn")
+    base = make_random_base(d / "base", "gqa32", seed=11)   # the kernel needs head_dim >= 32 with key LoRA
+    return write_random_bundle(base, d / "bundle", roles=("planner", "actor"), rank=4,
+                               targets=("q_proj", "k_proj", "v_proj"), seed=12)
+
+
+@pytest.mark.parametrize("mode", ["lrshared", "baseshared", "nonshared"])
+def test_engine_backends_agree(bundle, mode):
+    """torch (CPU path), reference and the Triton kernel (interpreted on CPU) give the same engine outputs."""
+    prompt = [1, 5, 11, 18, 19, 20, 21, 46, 15, 2, 8, 11, 30, 31, 32, 33, 34]
+    sp = SamplingParams(max_new_tokens=3, ignore_eos=True, return_logits=True)
+    outs = {}
+    for backend in ("torch", "reference", "triton"):
+        eng = Engine(bundle, mode=mode, attention=backend, block_size=8)
+        first = eng.generate(prompt, "planner", sp)
+        outs[backend] = [first, eng.generate(prompt + first.token_ids + [2, 9, 11], "actor", sp)]
+    for backend in ("reference", "triton"):
+        for a, b in zip(outs[backend], outs["torch"]):
+            assert a.token_ids == b.token_ids
+            assert (a.logits - b.logits).abs().max().item() <= 1e-4
+
+
+def test_kernel_shape_limits(tmp_path):
+    base = make_random_base(tmp_path / "base", "gqa16", seed=17)
+    b = write_random_bundle(base, tmp_path / "b", roles=("planner",), rank=4, targets=("k_proj", "v_proj"))
+    with pytest.raises(ServeError, match="head_dim 16 is outside 32..256 with key LoRA"):
+        Engine(b, mode="lrshared", attention="triton")
+    assert Engine(b, mode="nonshared", attention="triton").runner.attention == "triton"
+    assert Engine(b, mode="lrshared").runner.attention == "torch"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["lrshared", "nonshared"])
+def test_engine_on_cuda_matches_cpu(bundle, mode):
+    prompt = [1, 5, 11, 18, 19, 20, 21, 46, 15, 2, 8, 11, 30, 31, 32, 33, 34]
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True, return_logits=True)
+    cpu = Engine(bundle, mode=mode, device="cpu").generate(prompt, "actor", sp)
+    gpu_engine = Engine(bundle, mode=mode, device="cuda", dtype="float32")
+    assert gpu_engine.runner.attention == "triton"
+    gpu = gpu_engine.generate(prompt, "actor", sp)
+    assert gpu.token_ids == cpu.token_ids
+    assert (gpu.logits - cpu.logits).abs().max().item() <= 1e-3
