@@ -12,18 +12,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lragent.train.__main__ import add_train_arguments, run_train
     t = sub.add_parser("train", help="train role adapters with a shared A (in-process)")
     add_train_arguments(t).set_defaults(func=run_train)
-    try:
-        from lragent.train.bundle_cli import add_bundle_commands
-    except ImportError:  # pragma: no cover - during development only
-        add_bundle_commands = None
-    if add_bundle_commands:
-        add_bundle_commands(sub)
-    try:
-        from lragent.serve.cli import add_serve_commands
-    except ImportError:  # pragma: no cover
-        add_serve_commands = None
-    if add_serve_commands:
-        add_serve_commands(sub)
+    from lragent.train.bundle_cli import add_bundle_commands
+    from lragent.serve.cli import add_serve_commands
+    add_bundle_commands(sub)
+    add_serve_commands(sub)
     return p
 
 

@@ -12,7 +12,6 @@ the bundle tensors, routed to that role). A mismatch raises and nothing is writt
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -20,7 +19,6 @@ import torch
 from lragent.bundle import (Bundle, BundleError, base_fingerprint, load_bundle, target_of, validate_role_name,
                             write_bundle)
 
-STEP_RE = re.compile(r"^step-(\d+)$")
 PROBE_SHAPE = (2, 16)
 
 
@@ -45,18 +43,18 @@ def read_run(run_dir: str | Path) -> dict:
 
 def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     """``checkpoints/step-{step:06d}``, or the highest step when ``step`` is None."""
-    ckpts = Path(run_dir) / "checkpoints"
-    if step is not None:
-        path = ckpts / f"step-{step:06d}"
-        if not path.is_dir():
-            have = sorted(p.name for p in ckpts.glob("step-*")) if ckpts.is_dir() else []
-            raise BundleError(f"{path} does not exist (checkpoints: {', '.join(have) or 'none'})")
-    else:
-        steps = sorted((int(m.group(1)), p) for p in (ckpts.iterdir() if ckpts.is_dir() else [])
-                       if p.is_dir() and (m := STEP_RE.match(p.name)))
+    from .checkpoint import checkpoint_dir, list_checkpoints
+
+    steps = list_checkpoints(run_dir)
+    if step is None:
         if not steps:
-            raise BundleError(f"{ckpts} holds no step-NNNNNN checkpoint: train longer or pass another --run")
-        path = steps[-1][1]
+            raise BundleError(f"{Path(run_dir) / 'checkpoints'} holds no step-NNNNNN checkpoint: train longer or "
+                              f"pass another --run")
+        step = steps[-1]
+    path = checkpoint_dir(run_dir, step)
+    if not path.is_dir():
+        have = ", ".join(f"step-{s:06d}" for s in steps) or "none"
+        raise BundleError(f"{path} does not exist (checkpoints: {have})")
     if not (path / "adapter.safetensors").is_file():
         raise BundleError(f"{path} has no adapter.safetensors (only safetensors checkpoints can be exported)")
     return path
