@@ -41,7 +41,7 @@ class DataConfig:
     eval: str | None = "embedded"        # JSONL path, "embedded", or null (no held-out evaluation)
     roles: list[str] | None = None       # null: the roles found in the training data, in order of appearance
     max_length: int = 256
-    embedded_train_size: int = 3000      # episodes' records for the embedded task
+X
     embedded_eval_size: int = 300
 
 

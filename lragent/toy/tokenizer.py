@@ -15,11 +15,14 @@ TASK_WORDS = [
 ]
 N_KEYS = 64
 N_VALUES = 100
+MODEL_MAX_LENGTH = 512
 
-# A chat template in the HF jinja format: one turn per message, "<role> : <content> </s>".
+# A chat template in the HF jinja format: one turn per message, "<role> : <content> </s>", tokens separated by single
+# spaces and no trailing space, so that rendered text is canonical: ``decode(encode(text)) == text``.
+# ``add_generation_prompt`` with a ``role`` variable appends " <role> :" (the model then emits " <content> </s>").
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {{ eos_token }} {% endfor %}"
-    "{% if add_generation_prompt and role is defined %}{{ role }} :{% endif %}"
+    "{{ bos_token }}{% for m in messages %} {{ m['role'] }} : {{ m['content'] }} {{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt and role is defined %} {{ role }} :{% endif %}"
 )
 
 
@@ -47,12 +50,22 @@ def build_tokenizer():
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        model_max_length=MODEL_MAX_LENGTH,
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
 def save_tokenizer(out_dir: str | Path):
+    """Save as a standard HF fast tokenizer. ``tokenizer_config.json`` also names the generic class and carries the
+    chat template inline, so that readers other than the installed transformers version load it too."""
+    import json
+
     tok = build_tokenizer()
     tok.save_pretrained(str(out_dir))
+    cfg_path = Path(out_dir) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return tok
