@@ -132,7 +132,7 @@ def cmd_run(args) -> int:
     modes = list(MODES) if args.mode == "all" else [args.mode]
     if args.mode not in (None, "all") and args.mode not in MODES:
         raise ServeError(f"unknown mode {args.mode!r}: use one of {', '.join(MODES)} or all")
-    per_mode, summaries, skipped = {}, {}, {}
+    engines, skipped = {}, {}
     for mode in modes:
         try:
             engine = _make_engine(args, mode, base=traj.base)
@@ -144,13 +144,19 @@ def cmd_run(args) -> int:
         check_roles(traj, engine.roles)
         if not args.no_warmup:
             engine.warmup()
-        runs = []
-        for _ in range(args.repeat):
+        engines[engine.mode] = engine
+    # Repeats are interleaved across modes (mode 1, mode 2, ..., mode 1, ...) so that a drift in machine load
+    # affects every mode alike; each replay starts from an empty cache.
+    runs = {mode: [] for mode in engines}
+    for _ in range(args.repeat):
+        for mode, engine in engines.items():
             engine.clear_cache()
-            runs.append(run_trajectory(engine, traj))
-        results = median_runs(runs)
-        per_mode[engine.mode] = results
-        summaries[engine.mode] = summarize(results)
+            runs[mode].append(run_trajectory(engine, traj))
+    per_mode, summaries = {}, {}
+    for mode, engine in engines.items():
+        results = median_runs(runs[mode])
+        per_mode[mode] = results
+        summaries[mode] = summarize(results)
         if not args.json:
             print(f"== {traj.name}: mode {engine.mode} ({len(engine.roles)} roles, {engine.dtype}, "
                   f"{engine.device}, block {engine.block_size}, attention {engine.runner.attention}"
@@ -158,7 +164,7 @@ def cmd_run(args) -> int:
             print(turns_table(results))
             print(_cache_line(engine.stats()))
             print()
-        del engine
+    del engines
     if not per_mode:
         raise ServeError(next(iter(skipped.values())))
     if args.json:

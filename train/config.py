@@ -41,8 +41,8 @@ class DataConfig:
     eval: str | None = "embedded"        # JSONL path, "embedded", or null (no held-out evaluation)
     roles: list[str] | None = None       # null: the roles found in the training data, in order of appearance
     max_length: int = 256
-X
-    embedded_eval_size: int = 300
+    embedded_train_size: int = 500       # embedded task: training records per role
+    embedded_eval_size: int = 100        # embedded task: held-out records per role
 
 
 @dataclass
