@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

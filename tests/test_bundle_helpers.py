@@ -10,7 +10,6 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -78,16 +77,6 @@ def tree(path: Path) -> dict[str, bytes]:
             p = Path(dirpath) / f
             out[p.relative_to(path).as_posix()] = p.read_bytes()
     return out
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run torch single-threaded for these tests (restored after): tiny matmuls on a shared, oversubscribed CPU are
-    ~10x slower with intra-op threads than without."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:

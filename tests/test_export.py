@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from lragent import bundle as bundle_mod
 from lragent.bundle import load_bundle
-from test_bundle_helpers import assert_one_line_error, make_run_dir, one_thread, run_cli, tree  # noqa: F401
+from test_bundle_helpers import assert_one_line_error, make_run_dir, run_cli, tree  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 ROLES = ("planner", "actor", "reflector")

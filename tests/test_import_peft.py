@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from lragent.bundle import load_bundle
 from lragent.train.import_peft import combine, linear_shapes, read_peft_adapter, shared_basis
-from test_bundle_helpers import assert_one_line_error, make_peft_adapter, one_thread, run_cli, tree  # noqa: F401
+from test_bundle_helpers import assert_one_line_error, make_peft_adapter, run_cli, tree  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 SPECS = {  # three independently initialised adapters: different ranks, scaling rules and target sets

@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from lragent.serve.cli import main
 from lragent.serve.config import ServeError
@@ -13,14 +12,6 @@ from lragent.serve.trajectory import TrajectoryError, load_trajectory
 from lragent.testing import make_random_base
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "trajectories"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,6 @@ PROMPTS = {"planner": [1, 5, 11, 18, 19, 20, 21, 46, 15, 2, 8, 11],
 N_NEW = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # (model type, shape, rank, targets, share_a): covers GQA and MHA, head_dim 16/32/64, ranks 4/8/16, K+V and V-only.
 MATRIX = [
     ("llama", "gqa16", 4, ALL, ("k_proj", "v_proj")),

@@ -15,14 +15,6 @@ EXTRA = [2, 9, 11]                                                             #
 GREEDY = SamplingParams(max_new_tokens=4, ignore_eos=True, return_logits=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return make_random_base(tmp_path_factory.mktemp("base"), "gqa16", seed=5)

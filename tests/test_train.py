@@ -1,6 +1,7 @@
 """Training loop: runs end to end, resumes exactly, DDP keeps the shared A identical across ranks."""
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,10 @@ def test_sequential_freezes_shared_a_after_the_anchor(tiny_base, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_keep_shared_a_identical(tiny_base, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    with socket.socket() as s:   # a free port, so that concurrent runs do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(REPO / "tests" / "scripts" / "ddp_train.py"), str(tiny_base), str(tmp_path / "run")]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -4,6 +4,7 @@ Data order is a pure function of (seed, step), so ``--resume`` continues exactly
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -21,7 +22,7 @@ from .checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_
 from .config import Config
 from .data import IGNORE, build_dataset, collate, infer_roles, read_records
 from .evaluate import evaluate, format_table
-from .lora import LoraSpec, inject_lora, lora_modules, lora_state, load_lora_state, roles, set_shared_a_frozen
+from .lora import LoraSpec, inject_lora, load_lora_state, lora_state, roles, set_shared_a_frozen
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -126,9 +127,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Trai
                if eval_path else None)
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=DTYPES[cfg.model.dtype])
-    lo = cfg.lora
-    spec = LoraSpec(roles=role_names, rank=lo.rank, alpha=lo.alpha, rslora=lo.rslora, dropout=lo.dropout,
-                    targets=lo.targets, share_a=lo.share_a, init=lo.init)
+    spec = LoraSpec(roles=role_names, **dataclasses.asdict(cfg.lora))
     mods = inject_lora(model, spec, seed=t.seed)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

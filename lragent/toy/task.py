@@ -34,7 +34,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 ROLES = ("planner", "actor", "reflector")
 N_KEYS = 64
@@ -246,7 +246,7 @@ def write_trajectory(path: str | Path, **kw) -> Path:
 
 # -------------------------------------------------------------------------------------------------------- scoring
 _FORMS = {
-    "planner": re.compile(rf"^lookup k([0-9]|[1-5][0-9]|6[0-3])$"),
+    "planner": re.compile(r"^lookup k([0-9]|[1-5][0-9]|6[0-3])$"),
     "actor": re.compile(r"^answer ([0-9]|[1-9][0-9])$"),
     "reflector": re.compile(r"^(correct|wrong)$"),
 }
