@@ -19,12 +19,17 @@ def run_train(args: argparse.Namespace) -> int:
     from .data import DataError
     from .trainer import TrainError, train
 
+    import torch.distributed as dist
+
     try:
         cfg = load_config(args.config, args.overrides)
         out = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, DataError, TrainError, BundleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     print(f"run written to {out.run_dir}")
     return 0
 

@@ -37,6 +37,7 @@ class TrainResult:
     model: torch.nn.Module        # the (unwrapped) model with trained adapters
     roles: list[str]
     eval: dict | None             # {"base": {role: metrics}, "adapted": {...}} on the main process
+    num_processes: int = 1        # processes that trained together (DDP/FSDP world size)
 
 
 def resolve_base(base: str) -> Path:
@@ -94,7 +95,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Trai
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t = cfg.train
+    # cpu=True without CUDA: accelerate only forms a multi-process (gloo) group on CPU when told it runs on CPU.
     acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                      cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     run_dir = Path(cfg.output_dir).absolute()
     done = list_checkpoints(run_dir)
@@ -209,7 +212,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Trai
                 save_checkpoint(run_dir, step, lora_state(inner, role_names), opt, sched)
     bar.close()
     acc.wait_for_everyone()
-    result = TrainResult(run_dir, inner, role_names, None)
+    result = TrainResult(run_dir, inner, role_names, None, acc.num_processes)
     if eval_ds is not None and acc.is_main_process:
         kw = dict(pad_id=pad_id, batch_size=t.eval_batch_size, max_per_role=t.eval_max_examples, device=acc.device)
         base_res = evaluate(inner, eval_ds, role_names, adapters=False, **kw)

@@ -6,14 +6,15 @@ import torch.distributed as dist
 
 from lragent.train.config import load_config
 from lragent.train.lora import lora_state
-from lragent.train.trainer import train
+from lragent.train.trainer import batch_indices, train
 
 base, out = sys.argv[1], sys.argv[2]
 cfg = load_config(None, [f"model.base={base}", f"output_dir={out}", "data.embedded_train_size=32",
                          "data.eval=null", "train.batch_size=2", "train.max_steps=4", "lora.rank=4",
                          "train.log_every=1"])
 res = train(cfg)
-assert dist.is_initialized() and dist.get_world_size() == 2, "expected a 2-process gloo group"
+assert res.num_processes == 2 and dist.get_world_size() == 2, f"trained in {res.num_processes} process(es), not 2"
+assert dist.get_backend() == "gloo"
 state = lora_state(res.model, res.roles)
 shared = [k for k in state if k.endswith("k_proj.lora_A") or k.endswith("v_proj.lora_A")]
 assert shared
@@ -24,5 +25,11 @@ for name in sorted(state):
     assert torch.equal(gathered[0], gathered[1]), f"{name} differs across ranks"
     if name in shared:
         assert t.abs().sum() > 0
+# The ranks read different rows (the trainer's sharding), so identical adapters mean gradients were averaged.
+rows = torch.tensor(batch_indices(list(range(96)), 0, 2, 2, dist.get_rank(), 0))
+all_rows = [torch.empty_like(rows) for _ in range(2)]
+dist.all_gather(all_rows, rows)
+assert not set(all_rows[0].tolist()) & set(all_rows[1].tolist()), all_rows
 if dist.get_rank() == 0:
     print(f"shared A identical across 2 ranks ({len(shared)} shared A tensors, {len(state)} adapter tensors)")
+dist.destroy_process_group()
