@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lragent import bundle as bundle_mod
+from lragent.bundle import write as bundle_write
 from lragent.bundle import Bundle, BundleError, load_bundle, sha256_file, write_bundle
 from test_bundle_helpers import tree
 
@@ -171,7 +172,7 @@ def test_write_refuses_existing_and_force_replaces_atomically(written, monkeypat
     assert tree(path) == before
     for exchange in (True, False):                                          # renameat2 swap, then 2-rename fallback
         if not exchange:
-            monkeypatch.setattr(bundle_mod, "_exchange", lambda a, b: False)
+            monkeypatch.setattr(bundle_write, "_exchange", lambda a, b: False)
         new = synth_bundle(seed=2 + exchange, roles=("critic",))
         write_bundle(new, path, force=True)
         assert load_bundle(path).roles == ["critic"] and load_bundle(path).a_family_hash == new.a_family_hash

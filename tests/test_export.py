@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lragent import bundle as bundle_mod
+from lragent.bundle import write as bundle_write
 from lragent.bundle import load_bundle
 from test_bundle_helpers import assert_one_line_error, make_run_dir, run_cli, tree  # noqa: F401
 
@@ -130,13 +130,13 @@ def test_existing_out_and_peft_mismatch_write_nothing(run, exported, tmp_path, m
     rc, _, err = run_cli(["export", "--run", run[0], "--out", exported], capsys)
     assert rc == 2
     assert_one_line_error(err, r"already exists: choose another --out or pass --force")
-    real = bundle_mod._peft_files
+    real = bundle_write._peft_files
 
     def unscaled(bundle, role):                                           # a broken PEFT export: scaling not baked
         config, tensors = real(bundle, role)
         return config, {k: v / bundle.scaling if "lora_B" in k else v for k, v in tensors.items()}
 
-    monkeypatch.setattr(bundle_mod, "_peft_files", unscaled)
+    monkeypatch.setattr(bundle_write, "_peft_files", unscaled)
     for out, force in ((exported, ["--force"]), (tmp_path / "new", [])):
         rc, _, err = run_cli(["export", "--run", run[0], "--out", out, *force], capsys)
         assert rc == 2
