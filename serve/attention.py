@@ -24,11 +24,6 @@ from .config import ServeError
 BACKENDS = ("auto", "torch", "reference", "triton")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
-
-
 def kernel_limits(head_dim: int, key_lora: bool, rank: int) -> str | None:
     """Why the Triton kernel cannot serve this shape (None when it can): head_dim 16..256, 32..256 with key LoRA
     (its half-head-dim dots need K >= 16), rank <= 128."""

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+from lragent.kernels.reference import rotate_half
 
 
 def prepare_b(b_k: torch.Tensor | None, b_v: torch.Tensor | None) -> dict:
@@ -30,7 +27,7 @@ def prepare_b(b_k: torch.Tensor | None, b_v: torch.Tensor | None) -> dict:
     out = {"k": None, "v": None}
     if b_k is not None:
         n, h_kv, r, d = b_k.shape
-        both = torch.stack([b_k.float(), _rotate_half(b_k.float())], dim=1)        # [N, 2, H_kv, r, D]
+        both = torch.stack([b_k.float(), rotate_half(b_k.float())], dim=1)        # [N, 2, H_kv, r, D]
         out["k"] = list(both.permute(0, 3, 1, 2, 4).reshape(n, r, 2 * h_kv * d).contiguous())
     if b_v is not None:
         out["v"] = list(b_v.float().contiguous())

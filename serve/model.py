@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import attention_fn, rotate_half
+from lragent.kernels.reference import rotate_half
+
+from .attention import attention_fn
 from .cpu_attention import Plan
 from .config import ModelConfig
 from .lora import Groups, RoleAdapters, lora_delta
