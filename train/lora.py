@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,17 +22,13 @@ from torch import nn
 
 from lragent.bundle import lora_scaling, target_of
 
+from .config import LoraConfig
 
-@dataclass
-class LoraSpec:
+
+@dataclass(kw_only=True)
+class LoraSpec(LoraConfig):
+    """The ``lora`` section of the training config plus the roles it is applied to."""
     roles: list[str]
-    rank: int = 8
-    alpha: float = 16.0
-    rslora: bool = False
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    share_a: list[str] = field(default_factory=lambda: ["k_proj", "v_proj"])
-    init: str = "kaiming"  # kaiming | svd
 
     @property
     def scaling(self) -> float:
