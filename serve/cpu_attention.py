@@ -34,9 +34,18 @@ def prepare_b(b_k: torch.Tensor | None, b_v: torch.Tensor | None) -> dict:
     return out
 
 
+def expand_rope(cos: torch.Tensor, sin: torch.Tensor, n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [P, D] -> fp32 [P, H_kv, D], contiguous: broadcasting over the KV heads in the per-layer
+    multiply-adds is slow, and expanding per step costs two copies."""
+    return tuple(t.float()[:, None, :].expand(-1, n_kv, -1).contiguous() for t in (cos, sin))
+
+
 class Plan:
     """What every layer of one engine step shares: per-sequence lists and flat token indices into the caches
-    (block * block_size + slot for positions 0..n-1), and the RoPE rows of the key positions. Built once per step."""
+    (block * block_size + slot for positions 0..n-1), and the RoPE rows of the key positions. Built once per step.
+
+    ``cos``/``sin`` are [P, D] tables, or [P, H_kv, D] fp32 tables already expanded over the KV heads
+    (:func:`expand_rope`, what the engine keeps): then the per-sequence rows are views, not copies."""
 
     def __init__(self, block_table, seq_lens, cu_seqlens_q, agent_ids, lr_block_table, block_size, cos=None,
                  sin=None, n_kv: int = 1):
@@ -47,9 +56,10 @@ class Plan:
             self._token_index(lr_block_table, block_size)
         self.cos = self.sin = None
         if cos is not None:
-            # expanded over the KV heads and contiguous: broadcasting in the per-layer multiply-adds is slow
-            self.cos = [cos[:n, None, :].float().expand(n, n_kv, -1).contiguous() for n in self.lens]
-            self.sin = [sin[:n, None, :].float().expand(n, n_kv, -1).contiguous() for n in self.lens]
+            if cos.dim() == 2:
+                cos, sin = expand_rope(cos[:max(self.lens)], sin[:max(self.lens)], n_kv)
+            self.cos = [cos[:n] for n in self.lens]
+            self.sin = [sin[:n] for n in self.lens]
 
     def _token_index(self, table, bs):
         slots = torch.arange(bs, device=table.device)

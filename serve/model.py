@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from lragent.kernels.reference import rotate_half
 
 from .attention import attention_fn
-from .cpu_attention import Plan
+from .cpu_attention import Plan, expand_rope, prepare_b
 from .config import ModelConfig
 from .lora import Groups, RoleAdapters, lora_delta
 from .weights import load_weights
@@ -93,13 +93,13 @@ class ModelRunner:
         self.splits = (h * d, hk * d, hk * d)
         if cfg.qk_norm:   # one RMSNorm over the q and k heads together: per-head weights stacked
             self.qk_norm = [torch.cat([lw.q_norm.expand(h, d), lw.k_norm.expand(hk, d)]) for lw in self.w.layers]
-        self.cos = self.sin = torch.empty(0, cfg.head_dim)
-        self._ensure_rope(1024)
         self.b_kw = [{f"b_{t[0]}": b[t] for t in adapters.cached_targets()} for b in adapters.b_heads]
         self.prepared = None
         if lowrank and self.attention == "torch":
-            from .cpu_attention import prepare_b
             self.prepared = [prepare_b(b.get("k_proj"), b.get("v_proj")) for b in adapters.b_heads]
+        self.cos = self.sin = torch.empty(0, cfg.head_dim)
+        self.rope_kv = (None, None)
+        self._ensure_rope(1024)
 
     def _ensure_rope(self, n: int) -> None:
         if self.cos.shape[0] < n:
@@ -107,6 +107,9 @@ class ModelRunner:
             self.cos, self.sin = self.cfg.rope_tables(size, self.device)      # fp32, computed as HF does
             # used in the model dtype (HF casts cos/sin to the activations' dtype; the kernel wants q's dtype)
             self.cos_dt, self.sin_dt = self.cos.to(self.dtype), self.sin.to(self.dtype)
+            if self.prepared is not None and "k_proj" in self.adapters.cached_targets():
+                # the torch path's key term reads RoPE rows per KV head: expanded once here, not per step
+                self.rope_kv = expand_rope(self.cos_dt, self.sin_dt, self.cfg.num_kv_heads)
 
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: CacheTensors) -> torch.Tensor:
@@ -119,10 +122,8 @@ class ModelRunner:
         kv_all = batch.kv_rows.numel() == n_tok
         extra = {"max_seqlen_q": batch.max_q, "max_seqlen_k": batch.max_k}
         if self.attention == "torch":    # per-step bookkeeping shared by the layers (see cpu_attention.Plan)
-            with_k = self.lowrank and "k_proj" in ad.cached_targets()
             extra = {"plan": Plan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, batch.agent_ids,
-                                  batch.lr_block_table, cache.block_size, self.cos_dt if with_k else None,
-                                  self.sin_dt, hk)}
+                                  batch.lr_block_table, cache.block_size, *self.rope_kv, hk)}
         groups = batch.groups
         x = self.w.embed[batch.input_ids]
         for li, lw in enumerate(self.w.layers):

@@ -4,7 +4,7 @@ import torch
 
 from lragent.kernels import flash_lora_attention_paged_ref
 from lragent.serve.config import ModelConfig, ServeError
-from lragent.serve.cpu_attention import paged_attention_cpu
+from lragent.serve.cpu_attention import Plan, expand_rope, paged_attention_cpu
 from lragent.serve.engine import Engine
 from lragent.serve.sampling import SamplingParams
 from lragent.serve.testing import write_random_bundle
@@ -47,6 +47,11 @@ def test_cpu_path_matches_reference(dtype, tol, lora, gqa):
     out = paged_attention_cpu(*args, **kw)
     assert out.dtype == ref.dtype
     assert (out.float() - ref.float()).abs().max().item() <= tol
+    if kw["cos"] is not None:   # the engine's way: RoPE tables expanded over the KV heads once, handed in a Plan
+        plan = Plan(args[3], args[4], args[5], kw["agent_ids"], kw["lr_block_table"], args[1].shape[1],
+                    *expand_rope(kw["cos"], kw["sin"], gqa[1]), gqa[1])
+        out_plan = paged_attention_cpu(*args, **kw, plan=plan)
+        assert torch.equal(out_plan, out)
 
 
 @pytest.fixture(scope="module")
