@@ -4,8 +4,11 @@ Same semantics and signature as ``lragent.kernels.flash_lora_attention_paged_ref
 few-token steps over long contexts, where the cost is the number of torch ops, not FLOPs:
 
 - grouped-query heads are batched as rows (no K/V repetition per query head);
-- the key term is expanded with ONE matmul of the gathered L_k rows against [B_k | rotate_half(B_k)]: rotate_half
-  is linear, so RoPE(L B) = (L B) * cos + (L rotate_half(B)) * sin, and K' = K + that is two fused multiply-adds;
+- the key term is expanded with ONE matmul of the gathered L_k rows against B_k (all KV heads side by side), then
+  rotated into the gathered K in place: with X = L B = [X1 | X2] per head, K' = K + X * cos + [-X2 | X1] * sin
+  (HF rotate_half; cos/sin repeat their halves), i.e. one full-width and two half-width fused multiply-adds. The
+  matmul is the costly step on CPU (K = r is too thin for BLAS to run well), so it is kept H_kv*D wide rather than
+  also producing rotate_half(X) through [B | rotate_half(B)];
 - the value term is never expanded: O = P V + (P L_v) B_v (the Flash-LoRA-Attention reordering), which costs
   H*Sq*r per key instead of H_kv*D*r;
 - single-query rows (decode) need no mask.
@@ -18,17 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from lragent.kernels.reference import rotate_half
-
 
 def prepare_b(b_k: torch.Tensor | None, b_v: torch.Tensor | None) -> dict:
-    """b_k, b_v [N, H_kv, r, D] -> {"k": per adapter [r, 2*H_kv*D] (B_k | rotate_half(B_k)), "v": per adapter
+    """b_k, b_v [N, H_kv, r, D] -> {"k": per adapter [r, H_kv*D] (the KV heads side by side), "v": per adapter
     [H_kv, r, D]} (fp32 lists, None where absent), laid out once for :func:`paged_attention_cpu`."""
     out = {"k": None, "v": None}
     if b_k is not None:
         n, h_kv, r, d = b_k.shape
-        both = torch.stack([b_k.float(), rotate_half(b_k.float())], dim=1)        # [N, 2, H_kv, r, D]
-        out["k"] = list(both.permute(0, 3, 1, 2, 4).reshape(n, r, 2 * h_kv * d).contiguous())
+        out["k"] = list(b_k.float().permute(0, 2, 1, 3).reshape(n, r, h_kv * d).contiguous())
     if b_v is not None:
         out["v"] = list(b_v.float().contiguous())
     return out
@@ -91,7 +91,6 @@ def paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
         else:
             lr_flat = torch.cat([c.reshape(-1, c.shape[-1]) for c in (lr_k_cache, lr_v_cache) if c is not None], 1)
         r = lr_flat.shape[-1] // ((bk is not None) + (bv is not None))
-        w = n_kv * d
     qs = (q if f32 else q.float()) * scale
     out = torch.empty_like(q)
     for b, n in enumerate(plan.lens):
@@ -109,9 +108,11 @@ def paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
             if not f32:
                 lr = lr.float()
             if bk is not None:                                                   # K' = K + RoPE(L_k B_k)
-                e = lr[:, :r] @ bk[a]
-                k = k.addcmul(e[:, :w].view(n, n_kv, d), plan.cos[b]).addcmul_(e[:, w:].view(n, n_kv, d),
-                                                                                plan.sin[b])
+                x = (lr[:, :r] @ bk[a]).view(n, n_kv, 2, d // 2)                 # k is our gathered copy
+                k.addcmul_(x.view(n, n_kv, d), plan.cos[b])
+                k2, sin = k.view(n, n_kv, 2, d // 2), plan.sin[b].view(n, n_kv, 2, d // 2)
+                k2[:, :, 0].addcmul_(x[:, :, 1], sin[:, :, 0], value=-1.0)
+                k2[:, :, 1].addcmul_(x[:, :, 0], sin[:, :, 1])
         qb = qs[q0:q1].view(sq, n_kv, group, d).permute(1, 2, 0, 3).reshape(n_kv, group * sq, d)
         s = torch.bmm(qb, k.permute(1, 2, 0))                                   # [H_kv, G*sq, n]
         if sq > 1:
@@ -120,6 +121,8 @@ def paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
         p = torch.softmax(s, dim=-1)
         o = torch.bmm(p, v.transpose(0, 1))                                      # [H_kv, G*sq, D]
         if has_lr and bv is not None:                                            # + (P L_v) B_v
-            o = torch.baddbmm(o, torch.matmul(p, lr[:, -r:]), bv[a])
+            # P times the whole [L_k | L_v] row, then the L_v columns: CPU BLAS is about 2x slower on the
+            # r-wide strided slice than on the full (m*r)-wide row, and the extra columns cost nothing here
+            o = torch.baddbmm(o, torch.matmul(p, lr)[..., -r:], bv[a])
         out[q0:q1] = o.view(n_kv, group, sq, d).permute(2, 0, 1, 3).reshape(sq, n_heads, d)
     return out
