@@ -48,6 +48,9 @@ def test_run_all_modes_table(paths, capsys):
     summary = out.split("vs nonshared")[-1]
     for mode in ("nonshared", "fullshared", "baseshared", "lrshared"):
         assert f"\n{mode} " in summary
+    rows = {line.split()[0]: line.split() for line in summary.splitlines()[2:] if line.strip()}
+    assert rows["fullshared"][4] == "1.00x"                     # hand-off TTFT against itself
+    assert rows["nonshared"][-2] == "1.00x"                     # cache bytes against itself
     rc, out, err = run_cli(capsys, "run", "--bundle", paths["bundle"], "--trajectory", traj, "--mode", "all",
                            "--json", "--no-warmup", "--repeat", "2")
     doc = json.loads(out)
