@@ -49,8 +49,8 @@ def comparison_table(per_mode: dict[str, list[TurnResult]]) -> str:
     return _table(header, rows, right={0, *range(2, 2 + len(modes))})
 
 
-def _ratio(a: float, b: float | None, fmt: str = ".2f") -> str:
-    return f"{a / b:{fmt}}x" if b else "-"
+def _ratio(a: float, b: float | None) -> str:
+    return f"{a / b:.2f}x" if b else "-"
 
 
 def summary_table(summaries: dict[str, dict], reference: str = "nonshared", ttft_reference: str = "fullshared") -> str:
