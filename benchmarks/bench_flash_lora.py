@@ -23,12 +23,14 @@ import re
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from lragent.kernels import flash_lora_attention, flash_lora_attention_ref
-from lragent.kernels.testing import make_dense
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.kernels import make_dense  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HEADS, KV_HEADS, HEAD_DIM, AGENTS = 32, 8, 128, 3

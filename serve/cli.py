@@ -67,7 +67,8 @@ def _make_engine(args, mode, base=None) -> Engine:
         raise ServeError("--block-size and --cache-tokens must be positive")
     return Engine(args.bundle, base=args.base or base, mode=mode, dtype=dtype, device=device,
                   block_size=args.block_size, cache_tokens=args.cache_tokens,
-                  max_batch_tokens=args.max_batch_tokens, attention=args.attention)
+                  max_batch_tokens=args.max_batch_tokens, attention=args.attention,
+                  base_candidates=getattr(args, "base_candidates", ()))
 
 
 def _fail(msg: str) -> int:

@@ -46,9 +46,10 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
-def resolve_base(base_info: dict, root: Path | None, base) -> Path:
-    """--base, else the base path recorded in the bundle (absolute, or relative to the bundle), else the embedded
-    default when its config fingerprint is the one the bundle records."""
+def resolve_base(base_info: dict, root: Path | None, base, candidates=()) -> Path:
+    """--base, else the base path recorded in the bundle (absolute, or relative to the bundle), else the first of
+    ``candidates`` (directories the caller knows, e.g. the embedded default) whose config fingerprint is the one
+    the bundle records."""
     if base is not None:
         return Path(base)
     recorded = (base_info or {}).get("path")
@@ -57,13 +58,10 @@ def resolve_base(base_info: dict, root: Path | None, base) -> Path:
             if (c / "config.json").is_file():
                 return c
     want = (base_info or {}).get("config_sha256")
-    try:
-        from lragent.toy import default_base_path
-        toy = Path(default_base_path())
-        if (toy / "config.json").is_file() and base_fingerprint(toy) == want:
-            return toy
-    except (ImportError, AttributeError, OSError):
-        pass
+    for c in candidates:
+        c = Path(c)
+        if (c / "config.json").is_file() and base_fingerprint(c) == want:
+            return c
     raise ServeError(f"the base model recorded in the bundle ({recorded or 'none'}) is not on this machine: "
                      f"pass --base PATH (a local model directory)")
 
@@ -87,17 +85,17 @@ def choose_mode(mode: str | None, adapters: RoleAdapters, cfg: ModelConfig) -> s
 class Engine:
     def __init__(self, bundle, base=None, *, mode: str | None = None, dtype="float32", device="cpu",
                  num_blocks: int | None = None, block_size: int = 16, cache_tokens: int = 8192,
-                 max_batch_tokens: int = 512, max_num_seqs: int = 64, attention: str = "auto"):
+                 max_batch_tokens: int = 512, max_num_seqs: int = 64, attention: str = "auto", base_candidates=()):
         from transformers import AutoTokenizer
 
         if isinstance(bundle, Bundle):
             self.bundle = bundle
-            self.base_dir = resolve_base(bundle.base, bundle.root, base)
+            self.base_dir = resolve_base(bundle.base, bundle.root, base, base_candidates)
             if (bundle.base or {}).get("config_sha256") not in (None, base_fingerprint(self.base_dir)):
                 raise BundleError(f"base model {self.base_dir} does not match the bundle (config.json sha256)")
         else:
             root = Path(bundle).absolute()
-            self.base_dir = resolve_base(read_manifest(root).get("base") or {}, root, base)
+            self.base_dir = resolve_base(read_manifest(root).get("base") or {}, root, base, base_candidates)
             self.bundle = load_bundle(root, base_dir=self.base_dir)
         if block_size < 1 or (num_blocks is not None and num_blocks < 1) or max_batch_tokens < 1:
             raise ServeError("block_size, num_blocks and max_batch_tokens must be positive")

@@ -34,5 +34,5 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """A random tiny GQA Llama base model directory (config.json + safetensors + tokenizer)."""
-    from lragent.testing import make_random_base
+    from support.models import make_random_base
     return make_random_base(tmp_path_factory.mktemp("tiny_base"), "gqa16", seed=0)

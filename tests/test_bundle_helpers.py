@@ -80,7 +80,7 @@ def tree(path: Path) -> dict[str, bytes]:
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
-    from lragent.train.bundle_cli import main
+    from lragent.cli.bundle import main
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err

@@ -28,7 +28,7 @@ def run(tmp_path_factory, tiny_base):
 @pytest.fixture(scope="module")
 def exported(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("exp") / "bundle"
-    from lragent.train.bundle_cli import main
+    from lragent.cli.bundle import main
     assert main(["export", "--run", str(run[0]), "--out", str(out)]) == 0
     return out
 

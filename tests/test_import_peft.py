@@ -33,7 +33,7 @@ def role_args(adapters):
 
 @pytest.fixture(scope="module")
 def exact(adapters, tiny_base, tmp_path_factory):
-    from lragent.train.bundle_cli import main
+    from lragent.cli.bundle import main
     out = tmp_path_factory.mktemp("imp") / "bundle"
     assert main(["import-peft", "--base", str(tiny_base), *role_args(adapters), "--out", str(out)]) == 0
     return out
@@ -200,7 +200,7 @@ def test_bad_input_writes_nothing(case, adapters, tiny_base, tmp_path, capsys):
 
 
 def test_other_base_or_existing_out_writes_nothing(adapters, exact, tiny_base, tmp_path, capsys):
-    from lragent.testing import make_random_base
+    from support.models import make_random_base
     other = make_random_base(tmp_path / "mha", "mha16")                      # k/v are [64, 64] here, not [32, 64]
     before = tree(exact)
     for base, out, pattern in ((other, tmp_path / "b", r"module model\.layers\.0\.self_attn\.k_proj has \[in, out\]"),

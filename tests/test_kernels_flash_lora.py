@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lragent.kernels import flash_lora_attention, flash_lora_attention_ref
-from lragent.kernels.testing import make_dense, to_float64
+from support.kernels import make_dense, to_float64
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
                                 reason="CPU tensors need the Triton interpreter (conftest sets TRITON_INTERPRET=1)")

@@ -13,7 +13,7 @@ import torch
 
 from lragent.kernels import (flash_lora_attention, flash_lora_attention_paged, flash_lora_attention_paged_ref,
                              flash_lora_attention_ref)
-from lragent.kernels.testing import make_dense, make_paged, to_float64
+from support.kernels import make_dense, make_paged, to_float64
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 pytestmark = [pytest.mark.gpu,

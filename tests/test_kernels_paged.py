@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lragent.kernels import flash_lora_attention_paged, flash_lora_attention_paged_ref
-from lragent.kernels.testing import make_paged, to_float64
+from support.kernels import make_paged, to_float64
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
                                 reason="CPU tensors need the Triton interpreter (conftest sets TRITON_INTERPRET=1)")

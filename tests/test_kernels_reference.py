@@ -7,12 +7,14 @@
 """
 import math
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lragent.kernels import flash_lora_attention_paged_ref, flash_lora_attention_ref
-from lragent.kernels.testing import make_dense, rope_tables, to_float64
+from support.kernels import make_dense, rope_tables, to_float64
 
 TOL64 = 1e-10
 
@@ -127,9 +129,9 @@ def test_import_without_triton_uses_references():
     import sys
     code = ("import sys; sys.modules['triton'] = None\n"
             "import lragent.kernels as K\n"
-            "from lragent.kernels.testing import make_dense\n"
+            "from support.kernels import make_dense\n"
             "a = make_dense(1, 2, 1, 1, 5, 8, 2)\n"
             "assert K.flash_lora_attention_ref(**a).shape == (1, 2, 1, 8) and not K.triton_available()\n"
             "try:\n    K.flash_lora_attention(**a)\nexcept ImportError as e:\n    assert '_ref' in str(e)\n"
             "else:\n    raise SystemExit('kernel ran without triton')\n")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)

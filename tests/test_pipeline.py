@@ -12,7 +12,13 @@ from lragent.train.checkpoint import checkpoint_dir
 from lragent.train.config import load_config
 from lragent.train.export import bundle_model
 from lragent.train.lora import roles as route
-from lragent.train.trainer import train
+from lragent.train.trainer import train as train_lib
+from lragent.cli.embedded import EMBEDDED
+
+
+def train(cfg, **kw):
+    """The trainer with the embedded default resolved, as the command line does."""
+    return train_lib(cfg, embedded=EMBEDDED, **kw)
 
 
 def test_train_export_load_round_trip(tiny_base, tmp_path, capsys):

@@ -7,8 +7,8 @@ from lragent.serve.config import ModelConfig, ServeError
 from lragent.serve.cpu_attention import Plan, expand_rope, paged_attention_cpu
 from lragent.serve.engine import Engine
 from lragent.serve.sampling import SamplingParams
-from lragent.serve.testing import write_random_bundle
-from lragent.testing import make_random_base
+from support.bundles import write_random_bundle
+from support.models import make_random_base
 
 
 def paged_inputs(dtype, *, h=4, h_kv=2, d=16, r=8, bs=4, n_agents=3, seed=0, separate_lr=True):

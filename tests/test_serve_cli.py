@@ -7,9 +7,9 @@ import pytest
 from lragent.serve.cli import main
 from lragent.serve.config import ServeError
 from lragent.serve.engine import Engine
-from lragent.serve.testing import write_random_bundle
+from support.bundles import write_random_bundle
 from lragent.serve.trajectory import TrajectoryError, load_trajectory
-from lragent.testing import make_random_base
+from support.models import make_random_base
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "trajectories"
 

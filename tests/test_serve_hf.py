@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from lragent.serve.engine import Engine
-from lragent.serve.testing import hf_peft_greedy, write_random_bundle
-from lragent.testing import make_random_base
+from support.bundles import hf_peft_greedy, write_random_bundle
+from support.models import make_random_base
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPTS = {"planner": [1, 5, 11, 18, 19, 20, 21, 46, 15, 2, 8, 11],

@@ -6,8 +6,8 @@ import torch
 
 from lragent.serve.engine import Engine
 from lragent.serve.sampling import SamplingParams
-from lragent.serve.testing import write_random_bundle
-from lragent.testing import make_random_base
+from support.bundles import write_random_bundle
+from support.models import make_random_base
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPT = [1, 5, 11] + [20 + (i * 7) % 60 for i in range(37)] + [2, 8, 11]      # 43 tokens

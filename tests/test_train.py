@@ -12,7 +12,13 @@ from safetensors.torch import load_file
 
 from lragent.train.checkpoint import checkpoint_dir, list_checkpoints
 from lragent.train.config import load_config
-from lragent.train.trainer import TrainError, train
+from lragent.train.trainer import TrainError, train as train_lib
+from lragent.cli.embedded import EMBEDDED
+
+
+def train(cfg, **kw):
+    """The trainer with the embedded default resolved, as the command line does."""
+    return train_lib(cfg, embedded=EMBEDDED, **kw)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
 ``add_bundle_commands(subparsers)`` registers them on the ``lragent`` parser; each handler returns the exit code
 (0, or 2 after printing one ``error: ...`` line to stderr; nothing is written on error). ``main(argv)`` runs them
-standalone: ``python -m lragent.train.bundle_cli inspect BUNDLE``.
+standalone: ``python -m lragent.cli.bundle inspect BUNDLE``.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import torch
 
 from lragent.bundle import Bundle, base_fingerprint, write_bundle
 
-from .config import ModelConfig
+from lragent.serve.config import ModelConfig
 
 
 def random_bundle(base_dir: str | Path, *, roles=("planner", "actor", "reflector"), rank: int = 8,

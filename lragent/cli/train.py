@@ -1,0 +1,42 @@
+"""``lragent train`` (and ``accelerate launch -m lragent.train``): recipe + dotted overrides -> a training run."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--config", help="recipe YAML (recipes/*.yaml); omitted: built-in defaults")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-3")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    return p
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train from parsed arguments; 0, or 2 after one ``error:`` block on stderr."""
+    import torch.distributed as dist
+
+    from lragent.bundle import BundleError
+    from lragent.train.config import ConfigError, load_config
+    from lragent.train.data import DataError
+    from lragent.train.trainer import TrainError, train
+
+    from .embedded import EMBEDDED
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        out = train(cfg, resume=args.resume, overwrite=args.overwrite, embedded=EMBEDDED)
+    except (ConfigError, DataError, TrainError, BundleError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    print(f"run written to {out.run_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = add_train_arguments(argparse.ArgumentParser(prog="lragent.train", description="Train shared-A role adapters"))
+    return run_train(p.parse_args(argv))
