@@ -4,17 +4,22 @@
 
 `flash_lora_attention` / `flash_lora_attention_paged` run the Triton kernels (CUDA tensors, or any device under
 ``TRITON_INTERPRET=1``); `flash_lora_attention_ref` / `flash_lora_attention_paged_ref` are the pure-torch
-references with the same signatures (the CPU path and the test oracle). Triton is imported on the first kernel
+references with the same signatures (the test oracle); `flash_lora_attention_paged_cpu` is the torch fast path
+with the paged signature (the engine's CPU path). `triton_unsupported(head_dim, rank, key_lora)` says which shapes
+the kernels cannot run. Triton is imported on the first kernel
 call, so ``import lragent.kernels`` works without a GPU or without Triton.
 """
 import functools
 import importlib.util
 import inspect
 
+from .cpu import flash_lora_attention_paged_cpu
+from .limits import triton_unsupported
 from .reference import flash_lora_attention_paged_ref, flash_lora_attention_ref
 
 __all__ = ["flash_lora_attention", "flash_lora_attention_paged", "flash_lora_attention_ref",
-           "flash_lora_attention_paged_ref", "triton_available"]
+           "flash_lora_attention_paged_ref", "flash_lora_attention_paged_cpu", "triton_available",
+           "triton_unsupported"]
 
 
 def triton_available():

@@ -14,6 +14,8 @@ import dataclasses
 import math
 
 import torch
+
+from .limits import triton_unsupported
 import triton
 
 from ._triton_attn import flash_lora_combine_kernel, flash_lora_fwd_kernel
@@ -194,9 +196,9 @@ def _ready(tensors, key_lora):
     or None. Head dims 16..256 (32..256 with key LoRA, whose dots run over half the head dim: tl.dot needs K >= 16)."""
     q = tensors[0]
     d = q.shape[-1]
-    if not (32 if key_lora else 16) <= d <= 256:
-        raise ValueError(f"flash_lora_attention supports head_dim {32 if key_lora else 16}..256"
-                         f"{' with key LoRA' if key_lora else ''}, got {d}; use the _ref function instead")
+    why = triton_unsupported(d, 0, key_lora)
+    if why is not None:
+        raise ValueError(f"flash_lora_attention cannot run this shape: {why}; use the _ref function instead")
     if not INTERPRETED and q.device.type != "cuda":
         raise RuntimeError("flash_lora_attention needs CUDA tensors; on CPU use flash_lora_attention_ref / "
                            "flash_lora_attention_paged_ref, or set TRITON_INTERPRET=1 before importing lragent.kernels")

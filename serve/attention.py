@@ -1,56 +1,114 @@
-"""Paged varlen attention with the low-rank K/V adapter terms: the engine's one call into ``lragent.kernels``.
+"""Attention backends: one interface, one object per engine (``prepare`` once, ``plan`` once per step, call per
+layer). Each computes ``lragent.kernels.flash_lora_attention_paged`` semantics over the engine's paged cache:
 
-Signature (``lragent.kernels.flash_lora_attention_paged``):
+    V'_b = V_base + L_v B_v[agent_b]        K'_b = K_base + RoPE(L_k B_k[agent_b])       (low-rank modes)
+    o = softmax(q K'^T * scale, causal bottom-right) V'                                    (K', V' = K, V otherwise)
 
-    q [total_q, H, D] (post-RoPE), k_cache/v_cache [num_blocks, block_size, H_kv, D] (K post-RoPE),
-    block_table [B, max_blocks] int32, seq_lens [B] int32 (keys per sequence, new tokens included, already written),
-    cu_seqlens_q [B+1] int32; optional lr_v_cache / lr_k_cache [num_lr_blocks, block_size, r] (L = s X A, L_k
-    pre-RoPE) with lr_block_table (defaults to block_table), b_v / b_k [N, H_kv, r, D], agent_ids [B], cos/sin
-    [max_positions, D] by absolute key position (HF rotate_half). Causal, aligned bottom-right. Returns [total_q, H, D].
+- ``torch``: ``lragent.kernels.cpu`` (the torch fast path; B laid out once, RoPE expanded over the KV heads once,
+  per-step token indices shared by all layers);
+- ``triton``: the Flash-LoRA-Attention kernel (CUDA; CPU only under ``TRITON_INTERPRET=1``);
+- ``reference``: the kernels' pure-torch reference (slow; for checking).
 
-    V'_b = V_base + L_v B_v[agent_b]        K'_b = K_base + RoPE(L_k B_k[agent_b])
-
-Backends: ``triton`` (the Flash-LoRA-Attention kernel; CUDA, or CPU under ``TRITON_INTERPRET=1``), ``torch``
-(:mod:`.cpu_attention`, a lean torch path tested against the reference), ``reference`` (the kernels' pure-torch
-reference) and ``auto`` (triton on CUDA tensors, torch otherwise). The engine passes ``prepared`` (B laid out once)
-to the torch path only.
+``auto`` picks triton on CUDA when the kernel supports the shape (``lragent.kernels.triton_unsupported``), torch
+otherwise. A new backend is a class here with the three methods, added to ``BACKENDS``.
 """
 from __future__ import annotations
 
 import torch
 
+from lragent import kernels
+from lragent.kernels.cpu import Plan, expand_rope, paged_attention_cpu, prepare_b
+
 from .config import ServeError
 
-BACKENDS = ("auto", "torch", "reference", "triton")
+
+class AttentionBackend:
+    """``prepare(b_heads, cos, sin)`` once per engine (again when the RoPE tables grow); ``plan(batch)`` once per step;
+    ``backend(plan, layer, q, cache, batch)`` per layer -> [T, H, D]."""
+    name = "?"
+
+    def __init__(self, *, n_kv: int, block_size: int, lowrank: bool, key_lora: bool):
+        self.n_kv, self.block_size, self.lowrank, self.key_lora = n_kv, block_size, lowrank, key_lora
+        self.b_heads: list[dict] = []
+        self.cos = self.sin = None
+
+    def prepare(self, b_heads: list[dict], cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Per layer {"b_k"/"b_v": [N, H_kv, r, D]} and the RoPE tables [P, D] in the model dtype."""
+        self.b_heads, self.cos, self.sin = b_heads, cos, sin
+
+    def plan(self, batch):
+        return None
+
+    def lowrank_args(self, layer: int, cache, batch) -> dict:
+        if not self.lowrank:
+            return {}
+        kw = dict(agent_ids=batch.agent_ids, lr_block_table=batch.lr_block_table, **cache.lr_views[layer],
+                  **self.b_heads[layer])
+        if self.key_lora:
+            kw.update(cos=self.cos, sin=self.sin)
+        return kw
+
+    def __call__(self, plan, layer: int, q: torch.Tensor, cache, batch) -> torch.Tensor:
+        raise NotImplementedError
 
 
-def kernel_limits(head_dim: int, key_lora: bool, rank: int) -> str | None:
-    """Why the Triton kernel cannot serve this shape (None when it can): head_dim 16..256, 32..256 with key LoRA
-    (its half-head-dim dots need K >= 16), rank <= 128."""
-    lo = 32 if key_lora else 16
-    if not lo <= head_dim <= 256:
-        return f"head_dim {head_dim} is outside {lo}..256{' with key LoRA' if key_lora else ''}"
-    if rank > 128:
-        return f"rank {rank} > 128"
-    return None
+class KernelBackend(AttentionBackend):
+    """A ``flash_lora_attention_paged``-signature function called per layer (the Triton kernel, the reference)."""
+
+    def __init__(self, fn, name: str, **kw):
+        super().__init__(**kw)
+        self.fn, self.name = fn, name
+
+    def __call__(self, plan, layer, q, cache, batch):
+        return self.fn(q, cache.k[layer], cache.v[layer], batch.block_table, batch.seq_lens, batch.cu_seqlens_q,
+                       softmax_scale=q.shape[-1] ** -0.5, max_seqlen_q=batch.max_q, max_seqlen_k=batch.max_k,
+                       **self.lowrank_args(layer, cache, batch))
 
 
-def attention_fn(backend: str, device: torch.device, *, head_dim: int, key_lora: bool = False,
-                 rank: int = 0) -> tuple[str, callable]:
-    """(resolved backend name, paged attention function) for a backend, device and model shape."""
-    from lragent import kernels
+class TorchBackend(AttentionBackend):
+    """The torch fast path (``lragent.kernels.cpu``) with B and the RoPE tables laid out once."""
+    name = "torch"
 
-    from .cpu_attention import paged_attention_cpu
+    def prepare(self, b_heads, cos, sin):
+        super().prepare(b_heads, cos, sin)
+        self.prepared = [prepare_b(b.get("b_k"), b.get("b_v")) for b in b_heads] if self.lowrank else []
+        self.rope_kv = expand_rope(cos, sin, self.n_kv) if self.lowrank and self.key_lora else (None, None)
 
-    if backend not in BACKENDS:
-        raise ServeError(f"unknown attention backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    why = kernel_limits(head_dim, key_lora, rank)
-    if backend == "auto":   # the torch path runs on any device: it covers shapes the kernel does not
-        backend = "triton" if device.type == "cuda" and kernels.triton_available() and why is None else "torch"
-    if backend == "triton":
+    def plan(self, batch):
+        return Plan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, batch.agent_ids, batch.lr_block_table,
+                    self.block_size, *self.rope_kv, self.n_kv)
+
+    def __call__(self, plan, layer, q, cache, batch):
+        kw = {}
+        if self.lowrank:
+            kw = dict(self.lowrank_args(layer, cache, batch), prepared=self.prepared[layer],
+                      lr_cache=cache.lr_layers[layer])
+        return paged_attention_cpu(q, cache.k[layer], cache.v[layer], batch.block_table, batch.seq_lens,
+                                   batch.cu_seqlens_q, softmax_scale=q.shape[-1] ** -0.5, plan=plan, **kw)
+
+
+BACKENDS = ("auto", "torch", "triton", "reference")
+
+
+def make_backend(name: str, device: torch.device, *, head_dim: int, rank: int, n_kv: int, block_size: int,
+                 lowrank: bool, key_lora: bool) -> AttentionBackend:
+    """The backend object for a name (auto: triton on CUDA when the kernel supports the shape, else torch)."""
+    if name not in BACKENDS:
+        raise ServeError(f"unknown attention backend {name!r}: use one of {', '.join(BACKENDS)}")
+    why = kernels.triton_unsupported(head_dim, rank, key_lora)
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and kernels.triton_available() and why is None else "torch"
+    kw = dict(n_kv=n_kv, block_size=block_size, lowrank=lowrank, key_lora=key_lora)
+    if name == "triton":
         if not kernels.triton_available():
             raise ServeError("attention backend triton asked for but Triton is not installed: use --attention torch")
         if why is not None:
             raise ServeError(f"the Triton kernel cannot serve this model: {why}; use --attention torch")
-    return backend, {"torch": paged_attention_cpu, "reference": kernels.flash_lora_attention_paged_ref,
-                     "triton": kernels.flash_lora_attention_paged}[backend]
+        import os
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ServeError("attention backend triton needs a CUDA device (or TRITON_INTERPRET=1 on CPU, slow): "
+                             "use --attention torch")
+        return KernelBackend(kernels.flash_lora_attention_paged, "triton", **kw)
+    if name == "reference":
+        return KernelBackend(kernels.flash_lora_attention_paged_ref, "reference", **kw)
+    return TorchBackend(**kw)

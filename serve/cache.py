@@ -9,8 +9,9 @@ matching block (a partial node, or a full one it only shares a prefix with) is c
 
 Invariants: a sequence holds (refs) every node on its path from the root, so the ancestors of a held node are held;
 a node with ref 0 whose subtree is unreferenced is evictable, leaves first, least recently released first; a held
-node is never evicted. ``available()`` counts free blocks plus unreferenced nodes minus reservations; admission
-reserves every block a request can still need, so allocation for an admitted request never fails.
+node is never evicted. ``available()`` counts free blocks plus unreferenced nodes. Nothing is reserved: blocks are
+allocated as sequences grow, and ``allocate()`` returns None when the pool is exhausted (the scheduler then
+preempts a sequence).
 """
 from __future__ import annotations
 
@@ -46,12 +47,16 @@ class PrefixCache:
         self.evictable: OrderedDict[int, Node] = OrderedDict()   # ref-0 leaves, least recently released first
         self.n_unref = 0          # tree nodes with ref 0 (all evictable, leaves first)
         self.n_nodes = 0
-        self.reserved = 0
         self.evictions = 0
 
     # -- accounting -------------------------------------------------------------------------------------------
     def available(self) -> int:
-        return len(self.free) + self.n_unref - self.reserved
+        """Blocks an allocation can take now: free ones and unreferenced cached ones (evicted on demand)."""
+        return len(self.free) + self.n_unref
+
+    def held(self) -> int:
+        """Blocks some sequence holds: referenced tree nodes and private (not yet published) blocks."""
+        return self.num_blocks - self.available()
 
     def used_blocks(self) -> int:
         return self.num_blocks - len(self.free)
@@ -60,13 +65,6 @@ class PrefixCache:
         """How much acquiring these nodes lowers ``available()`` (the unreferenced ones stop being evictable)."""
         unique = {id(n): n for n in nodes}
         return sum(1 for n in unique.values() if n.ref == 0)
-
-    def reserve(self, n: int) -> None:
-        assert n <= self.available(), "reservation beyond the pool"
-        self.reserved += n
-
-    def unreserve(self, n: int) -> None:
-        self.reserved -= n
 
     # -- tree ---------------------------------------------------------------------------------------------------
     def match(self, namespace: tuple, tokens: list[int], limit: int) -> Match:
@@ -146,16 +144,16 @@ class PrefixCache:
             self.evictable.move_to_end(id(parent), last=False)
 
     # -- blocks -------------------------------------------------------------------------------------------------
-    def allocate(self, *, reserved: bool = True) -> int:
+    def allocate(self) -> int | None:
+        """A free block, evicting the least recently released unreferenced leaf if needed; None if every block is
+        held."""
         if not self.free:
             if not self.evictable:
-                raise RuntimeError("cache pool exhausted (no free or evictable block); reservation bug")
+                return None
             _, victim = self.evictable.popitem(last=False)
             self.evictable[id(victim)] = victim
             self._remove(victim)
             self.evictions += 1
-        if reserved:
-            self.reserved -= 1
         return self.free.pop()
 
     def free_block(self, block: int) -> None:

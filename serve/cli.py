@@ -16,10 +16,13 @@ import torch
 
 from lragent.bundle import BundleError
 
-from .config import ServeError
-from .engine import MODES, Engine
+from lragent.modes import MODES
+
+from .config import ATTENTION_BACKENDS, ServeConfig, ServeError
+from .engine import Engine
 from .report import comparison_table, human_bytes, summary_table, turns_table
 from .sampling import SamplingParams
+from .tokens import NoChatTemplate
 from .trajectory import check_roles, load_trajectory, median_runs, run_trajectory, summarize
 
 
@@ -30,12 +33,15 @@ def _engine_args(p: argparse.ArgumentParser, *, allow_all: bool = False) -> None
     p.add_argument("--mode", default=None, metavar="|".join(modes),
                    help="cache mode (default: lrshared when the bundle shares A on every cached target, "
                         "else nonshared)" + ("; all: compare the four modes" if allow_all else ""))
-    p.add_argument("--dtype", default="auto", help="float32 | float16 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", default="auto", help="cpu | cuda[:N] | auto")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
-    p.add_argument("--cache-tokens", type=int, default=16384, help="cache pool capacity in tokens")
-    p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step (prefill chunk)")
-    p.add_argument("--attention", default="auto", help="auto | torch | triton")
+    d = ServeConfig()
+    p.add_argument("--dtype", default=d.dtype, help="float32 | float16 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default=d.device, help="cpu | cuda[:N] | auto")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per cache block")
+    p.add_argument("--cache-tokens", type=int, default=d.cache_tokens, help="cache pool capacity in tokens")
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help="tokens per engine step (longer prompts are prefilled in chunks)")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences running at once")
+    p.add_argument("--attention", default=d.attention, help=" | ".join(ATTENTION_BACKENDS))
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up request (first-call overheads) "
@@ -57,18 +63,29 @@ def _sampling_overrides(args) -> dict:
     return {k: v for k, v in d.items() if v is not None}
 
 
-def _make_engine(args, mode, base=None) -> Engine:
-    if args.threads:
+def serve_config(args, mode) -> ServeConfig:
+    """The engine config of the command-line options (validated once, in ServeConfig)."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ServeError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = "cpu" if device == "auto" else device
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if str(device).startswith("cuda") else "float32")
-    if args.block_size < 1 or args.cache_tokens < 1:
-        raise ServeError("--block-size and --cache-tokens must be positive")
-    return Engine(args.bundle, base=args.base or base, mode=mode, dtype=dtype, device=device,
-                  block_size=args.block_size, cache_tokens=args.cache_tokens,
-                  max_batch_tokens=args.max_batch_tokens, attention=args.attention,
+    return ServeConfig(mode=mode, dtype=args.dtype, device=args.device, block_size=args.block_size,
+                       cache_tokens=args.cache_tokens, max_batch_tokens=args.max_batch_tokens,
+                       max_num_seqs=args.max_num_seqs, attention=args.attention)
+
+
+def _make_engine(args, mode, base=None) -> Engine:
+    return Engine(args.bundle, serve_config(args, mode), base=args.base or base,
                   base_candidates=getattr(args, "base_candidates", ()))
+
+
+def text_arg(text: str, name: str) -> str:
+    """A command-line string that must be valid UTF-8 (argv bytes that are not arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ServeError(f"{name} is not valid UTF-8 text") from None
+    return text
 
 
 def _fail(msg: str) -> int:
@@ -101,10 +118,16 @@ def cmd_generate(args) -> int:
     engine.role_index(role)
     if not args.no_warmup:
         engine.warmup()
-    if args.raw:
-        ids = engine.encode(args.prompt)
-    else:
-        ids = engine.render([{"role": "user", "content": args.prompt}], role)
+    prompt = text_arg(args.prompt, "--prompt")
+    ids = None
+    if not args.raw:
+        try:
+            ids = engine.render([{"role": "user", "content": prompt}], role)
+        except NoChatTemplate:
+            print("note: the base model's tokenizer has no chat template; using the prompt as raw text",
+                  file=sys.stderr)
+    if ids is None:
+        ids = engine.encode(prompt)
     out = engine.generate(ids, role, SamplingParams(**_sampling_overrides(args)))
     st = engine.stats()
     if args.json:

@@ -1,130 +1,88 @@
-"""Typed model config for the Llama-family decoders the engine serves, read from a Hugging Face ``config.json``.
-
-Supported: ``llama`` (Llama 2 / 3.x, with ``llama3``/``linear`` RoPE scaling), ``mistral``, ``qwen2`` (q/k/v bias),
-``qwen3`` (per-head q/k RMSNorm before RoPE). Everything else is refused with one line.
-"""
+"""``ServeConfig``: every engine option in one dataclass, validated once (the CLI builds it, ``Engine`` takes it)."""
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from lragent.modes import MODES
 
 
 class ServeError(ValueError):
     """Bad input to the serving engine; the message is one line saying what and how to fix it."""
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "reference")
+
+
 @dataclass
-class ModelConfig:
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict = field(default_factory=dict)
-    max_position_embeddings: int = 4096
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False                      # Qwen3: RMSNorm on each q/k head before RoPE
-    sliding_window: int | None = None
-    hidden_act: str = "silu"
-    eos_token_ids: tuple[int, ...] = ()
-    bos_token_id: int | None = None
+class ServeConfig:
+    mode: str | None = None          # a cache mode; None: lrshared when the bundle allows it, else nonshared
+    dtype: str = "auto"              # float32 | float16 | bfloat16 | auto (bf16 on CUDA, fp32 on CPU)
+    device: str = "auto"             # cpu | cuda[:N] | auto
+    block_size: int = 16             # tokens per cache block
+    cache_tokens: int = 16384        # cache pool capacity in tokens (rounded up to whole blocks)
+    max_batch_tokens: int = 512      # tokens per engine step (longer prompts are prefilled in chunks)
+    max_num_seqs: int = 64           # sequences running at once
+    attention: str = "auto"          # auto | torch | triton | reference
+    seed: int | None = None          # engine RNG for requests without a seed (None: from the OS)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise one ServeError line naming all the problems."""
+        bad = []
+        if self.mode is not None and self.mode not in MODES:
+            bad.append(f"unknown mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES and not isinstance(self.dtype, torch.dtype):
+            bad.append(f"dtype {self.dtype!r} is not float32, float16, bfloat16 or auto")
+        if self.attention not in ATTENTION_BACKENDS:
+            bad.append(f"attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+        for name in ("block_size", "cache_tokens", "max_batch_tokens", "max_num_seqs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad.append(f"{name} must be a positive integer, got {v!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2 ** 63):
+            bad.append(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        try:
+            self.torch_device()
+        except (RuntimeError, ServeError) as e:
+            bad.append(str(e))
+        if bad:
+            raise ServeError("; ".join(bad))
+
+    def replace(self, **changes) -> "ServeConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
 
     @property
-    def d_kv(self) -> int:
-        return self.num_kv_heads * self.head_dim
+    def num_blocks(self) -> int:
+        return max(1, math.ceil(self.cache_tokens / self.block_size))
 
-    @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise ServeError(f"base model {model_dir} has no config.json: pass a local Hugging Face model directory")
+    def torch_device(self) -> torch.device:
+        """The device to serve on (auto: CUDA when available)."""
+        if self.device in (None, "auto"):
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ServeError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        return cls.from_dict(raw, where=str(path))
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ServeError(f"device {self.device!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ServeError(f"device {self.device!r} is not supported: use cpu, cuda, cuda:N or auto")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ServeError(f"device {self.device!r} asked for but CUDA is not available here: use --device cpu")
+        return dev
 
-    @classmethod
-    def from_dict(cls, raw: dict, where: str = "config.json") -> "ModelConfig":
-        mt = raw.get("model_type")
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise ServeError(f"{where}: model_type {mt!r} is not supported; the engine serves {SUPPORTED_MODEL_TYPES}")
-        try:
-            heads = int(raw["num_attention_heads"])
-            hidden = int(raw["hidden_size"])
-            rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-            theta = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type not in ("default", "linear", "llama3"):
-                raise ServeError(f"{where}: rope_type {rope_type!r} is not supported (default, linear, llama3)")
-            if float(raw.get("partial_rotary_factor", 1.0)) != 1.0:
-                raise ServeError(f"{where}: partial_rotary_factor != 1 is not supported")
-            act = raw.get("hidden_act", "silu")
-            if act not in ("silu", "swish"):
-                raise ServeError(f"{where}: hidden_act {act!r} is not supported (silu)")
-            eos = raw.get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-            window = raw.get("sliding_window")
-            if mt in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
-                window = None
-            cfg = cls(
-                model_type=mt, vocab_size=int(raw["vocab_size"]), hidden_size=hidden,
-                intermediate_size=int(raw["intermediate_size"]), num_layers=int(raw["num_hidden_layers"]),
-                num_heads=heads, num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-                head_dim=int(raw.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=theta,
-                rope_scaling={**rope, "rope_type": rope_type},
-                max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                attention_bias=bool(raw.get("attention_bias", mt == "qwen2")),
-                mlp_bias=bool(raw.get("mlp_bias", False)), qk_norm=(mt == "qwen3"),
-                sliding_window=int(window) if window else None, hidden_act=act,
-                eos_token_ids=eos_ids, bos_token_id=raw.get("bos_token_id"),
-            )
-        except (KeyError, TypeError) as e:
-            raise ServeError(f"{where}: missing or bad field {e}") from None
-        if cfg.num_heads % cfg.num_kv_heads:
-            raise ServeError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads")
-        return cfg
-
-    # ---------------------------------------------------------------------------------------------------------
-    def inv_freq(self) -> torch.Tensor:
-        """RoPE inverse frequencies [D/2] (fp32), following the HF conventions for each rope_type."""
-        d = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-        rs = self.rope_scaling
-        kind = rs.get("rope_type", "default")
-        if kind == "linear":
-            inv = inv / float(rs["factor"])
-        elif kind == "llama3":
-            factor, lo, hi = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
-            old = float(rs.get("original_max_position_embeddings", self.max_position_embeddings))
-            lo_wl, hi_wl = old / lo, old / hi
-            wl = 2 * math.pi / inv
-            scaled = torch.where(wl > lo_wl, inv / factor, inv)
-            smooth = (old / wl - lo) / (hi - lo)
-            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-            medium = ~(wl < hi_wl) & ~(wl > lo_wl)
-            inv = torch.where(medium, smoothed, scaled)
-        return inv
-
-    def rope_tables(self, n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [n, D] fp32 for positions 0..n-1 (HF rotate_half layout: the half-frequencies repeated)."""
-        inv = self.inv_freq().to(device)
-        freqs = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos(), emb.sin()
+    def torch_dtype(self) -> torch.dtype:
+        """The activation and cache dtype (auto: bfloat16 on CUDA, float32 on CPU)."""
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return DTYPES[self.dtype]

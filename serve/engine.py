@@ -1,49 +1,39 @@
 """The public serving API: ``Engine`` serves every role of one bundle on one base model from one paged cache.
 
-    engine = Engine("bundle/", mode="lrshared")              # base: --base, else the path recorded in the bundle
+    engine = Engine("bundle/", ServeConfig(mode="lrshared"))     # or Engine("bundle/", mode="lrshared")
     out = engine.generate("find the value of k7 .", role="planner", max_new_tokens=8)
     out.text, out.stats.reused_tokens, out.stats.ttft_s, engine.stats()["lowrank_bytes"]
 
-    rid = engine.add_request(ids, role="actor", params=SamplingParams(...))   # continuous batching
-    while engine.has_unfinished(): done = engine.step()
+    rid = engine.add_request(ids, role="actor", params=SamplingParams(...))   # continuous batching, streaming
+    while engine.has_unfinished():
+        for o in engine.step(): print(o.request_id, o.new_text, o.finished)
+    engine.abort(rid)
+
+Every method may be called from any thread (one lock); a server runs ``step`` in one loop thread
+(``lragent.serve.loop.EngineLoop``) while handlers add and abort requests.
 """
 from __future__ import annotations
 
+import itertools
+import random
+import secrets
+import threading
 from pathlib import Path
 
-import torch
-
 from lragent.bundle import Bundle, BundleError, base_fingerprint, load_bundle, read_manifest
+from lragent.modes import CacheMode, get_mode
 
-from .cache import PrefixCache
-from .config import ModelConfig, ServeError
-from .kvmanager import Component, KVManager
+from .config import ServeConfig, ServeError
+from .detokenizer import Detokenizer
+from .kvmanager import KVManager, build_components
 from .lora import RoleAdapters
-from .model import CacheTensors, ModelRunner
+from .memory import check_cache_fits
+from .models import load_config
+from .runner import CacheTensors, ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Completion, Sequence
-
-MODES = ("nonshared", "fullshared", "baseshared", "lrshared")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ServeError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16")
-    return DTYPES[dtype]
-
-
-def resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ServeError(f"device {device!r} asked for but CUDA is not available here: use --device cpu")
-    return dev
+from .sequence import Completion, RequestOutput, Sequence
+from .tokens import NoChatTemplate, load_tokenizer, render_chat
 
 
 def resolve_base(base_info: dict, root: Path | None, base, candidates=()) -> Path:
@@ -66,28 +56,27 @@ def resolve_base(base_info: dict, root: Path | None, base, candidates=()) -> Pat
                      f"pass --base PATH (a local model directory)")
 
 
-def choose_mode(mode: str | None, adapters: RoleAdapters, cfg: ModelConfig) -> str:
+def choose_mode(name: str | None, adapters: RoleAdapters, cfg) -> CacheMode:
+    """The cache mode to serve (default: lrshared when the bundle allows it, else nonshared), or a one-line error
+    saying why the bundle or model cannot use the one asked for."""
     k_lora_qknorm = cfg.qk_norm and "k_proj" in adapters.targets
-    if mode is None:
-        return "lrshared" if adapters.shares_cached_a() and not k_lora_qknorm else "nonshared"
-    if mode not in MODES:
-        raise ServeError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
-    if mode in ("baseshared", "lrshared") and k_lora_qknorm:
-        raise ServeError(f"mode {mode} cannot serve K-LoRA on {cfg.model_type}: its k_norm before RoPE makes K "
+    if name is None:
+        name = "lrshared" if adapters.shares_cached_a() and not k_lora_qknorm else "nonshared"
+    mode = get_mode(name)
+    if mode.lowrank and k_lora_qknorm:
+        raise ServeError(f"mode {name} cannot serve K-LoRA on {cfg.model_type}: its k_norm before RoPE makes K "
                          f"non-decomposable; use nonshared or fullshared, or a bundle with V-only adapters")
-    if mode == "lrshared" and not adapters.shares_cached_a():
+    if mode.needs_shared_a and not adapters.shares_cached_a():
         unshared = [t for t in adapters.cached_targets() if t not in adapters.share_a]
-        raise ServeError(f"mode lrshared needs shared A on every cached target, but this bundle has per-role A on "
+        raise ServeError(f"mode {name} needs shared A on every cached target, but this bundle has per-role A on "
                          f"{unshared}: use baseshared or nonshared, or train with A shared on {unshared}")
     return mode
 
 
 class Engine:
-    def __init__(self, bundle, base=None, *, mode: str | None = None, dtype="float32", device="cpu",
-                 num_blocks: int | None = None, block_size: int = 16, cache_tokens: int = 8192,
-                 max_batch_tokens: int = 512, max_num_seqs: int = 64, attention: str = "auto", base_candidates=()):
-        from transformers import AutoTokenizer
-
+    def __init__(self, bundle, config: ServeConfig | None = None, *, base=None, base_candidates=(), **overrides):
+        config = (config or ServeConfig()).replace(**overrides) if overrides else (config or ServeConfig())
+        self.config = config
         if isinstance(bundle, Bundle):
             self.bundle = bundle
             self.base_dir = resolve_base(bundle.base, bundle.root, base, base_candidates)
@@ -97,148 +86,189 @@ class Engine:
             root = Path(bundle).absolute()
             self.base_dir = resolve_base(read_manifest(root).get("base") or {}, root, base, base_candidates)
             self.bundle = load_bundle(root, base_dir=self.base_dir)
-        if block_size < 1 or (num_blocks is not None and num_blocks < 1) or max_batch_tokens < 1:
-            raise ServeError("block_size, num_blocks and max_batch_tokens must be positive")
-        self.dtype, self.device = resolve_dtype(dtype), resolve_device(device)
-        self.cfg = ModelConfig.from_dir(self.base_dir)
+        self.dtype, self.device = config.torch_dtype(), config.torch_device()
+        self.cfg = load_config(self.base_dir)
+        self.tokenizer = load_tokenizer(self.base_dir)
         self.adapters = RoleAdapters(self.bundle, self.cfg, dtype=self.dtype, device=self.device)
-        self.mode = choose_mode(mode, self.adapters, self.cfg)
+        self.mode_row = choose_mode(config.mode, self.adapters, self.cfg)
+        self.mode, self.lowrank = self.mode_row.name, self.mode_row.lowrank
         self.roles = list(self.adapters.roles)
-        self.lowrank = self.mode in ("baseshared", "lrshared")
-        self.runner = ModelRunner(self.base_dir, self.cfg, self.adapters, lowrank=self.lowrank, dtype=self.dtype,
-                                  device=self.device, attention=attention)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_dir))
-        self.block_size = block_size
-        self.num_blocks = num_blocks or max(1, -(-cache_tokens // block_size))
+        self.block_size, self.num_blocks = config.block_size, config.num_blocks
         self._build_cache()
+        self.runner = ModelRunner(self.base_dir, self.cfg, self.adapters, lowrank=self.lowrank, dtype=self.dtype,
+                                  device=self.device, attention=config.attention, block_size=self.block_size)
         eos = set(self.cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = sorted(eos)
-        self.scheduler = Scheduler(self.runner, self.kv, self.cache, self.tokenizer, self.eos_ids,
-                                   kv_comp=0, lr_comp=self._lr_comp, max_batch_tokens=max_batch_tokens,
-                                   max_num_seqs=max_num_seqs)
-        self._done: dict[int, Completion] = {}
+        self.scheduler = Scheduler(self.runner, self.kv, self.cache, self.eos_ids, lr_comp=self._lr_comp,
+                                   max_batch_tokens=config.max_batch_tokens, max_num_seqs=config.max_num_seqs)
+        self._lock = threading.RLock()
+        self._ids = itertools.count()
+        self._rng = random.Random(config.seed if config.seed is not None else secrets.randbits(63))
+        self._seqs: dict[int, Sequence] = {}           # requests in flight
+        self._collect: dict[int, Completion | None] = {}   # requests of generate() calls -> their completions
 
     # -- cache layout -------------------------------------------------------------------------------------------
     def _build_cache(self) -> None:
-        a, n_roles = self.adapters, len(self.roles)
-        lr_targets = a.cached_targets() if self.lowrank else []
-        n_lr = self.num_blocks * (n_roles if self.mode == "baseshared" else 1)
-        self.cache = CacheTensors(self.cfg, self.num_blocks, self.block_size, num_lr_blocks=n_lr if lr_targets else 0,
-                                  rank=a.rank, lr_targets=lr_targets, dtype=self.dtype, device=self.device)
+        a, mode = self.adapters, self.mode_row
+        lr_targets = a.cached_targets() if mode.lowrank else []
+        n_lr = self.num_blocks * (len(self.roles) if mode.lowrank_per_role else 1) if lr_targets else 0
+        check_cache_fits(self.cfg, self.num_blocks, self.block_size, n_lr, len(lr_targets) * a.rank, self.dtype,
+                         self.device)
+        self.cache = CacheTensors(self.cfg, self.num_blocks, self.block_size, num_lr_blocks=n_lr, rank=a.rank,
+                                  lr_targets=lr_targets, dtype=self.dtype, device=self.device)
         fp = (self.bundle.base or {}).get("config_sha256") or base_fingerprint(self.base_dir)
-        c = self.cache
-        if self.mode == "nonshared":
-            ns = {r: ("nonshared", fp, r, a.role_hash[r]) for r in self.roles}
-            comps = [Component("kv", PrefixCache(self.num_blocks, self.block_size, [c.k, c.v]),
-                               lambda s: ns[s.role], {"base": c.kv_block_bytes})]
-        elif self.mode == "fullshared":
-            key = ("fullshared", fp, a.family)
-            comps = [Component("kv", PrefixCache(self.num_blocks, self.block_size, [c.k, c.v]),
-                               lambda s: key, {"base": c.kv_block_bytes})]
-        elif self.mode == "lrshared":
-            key = ("lrshared", fp, a.family)
-            comps = [Component("kv", PrefixCache(self.num_blocks, self.block_size, [c.k, c.v, *c.lr_tensors()]),
-                               lambda s: key, {"base": c.kv_block_bytes, "lowrank": c.lr_block_bytes})]
-        else:
-            key = ("baseshared", fp, a.family)
-            ns = {r: ("baseshared-lr", fp, a.family, r, a.role_hash[r]) for r in self.roles}
-            comps = [Component("kv", PrefixCache(self.num_blocks, self.block_size, [c.k, c.v]),
-                               lambda s: key, {"base": c.kv_block_bytes})]
-            if lr_targets:
-                comps.append(Component("lr", PrefixCache(n_lr, self.block_size, c.lr_tensors()),
-                                       lambda s: ns[s.role], {"lowrank": c.lr_block_bytes}))
+        comps = build_components(mode, self.cache, self.num_blocks, self.block_size, base_fp=fp, family=a.family,
+                                 role_hash=a.role_hash)
         self.kv = KVManager(comps, self.block_size)
-        self._lr_comp = None if not lr_targets else (1 if self.mode == "baseshared" else 0)
+        self._lr_comp = None if not lr_targets else next(i for i, c in enumerate(comps) if "lowrank" in c.block_bytes)
 
-    # -- requests -----------------------------------------------------------------------------------------------
+    # -- prompts ------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text).input_ids)
 
     def render(self, messages: list[dict], role: str) -> list[int]:
-        """Token ids of the transcript rendered by the tokenizer's chat template, prompting ``role`` to speak."""
+        """Token ids of the transcript rendered by the tokenizer's chat template, prompting ``role`` to speak
+        (:class:`NoChatTemplate` when the tokenizer has none)."""
         self.role_index(role)
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                                      role=role)
-        except Exception as e:
-            raise ServeError(f"the tokenizer's chat template failed on this transcript: {e}") from None
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return render_chat(self.tokenizer, messages, role)
 
     def role_index(self, role: str) -> int:
         if role not in self.adapters.index:
             raise ServeError(f"unknown role {role!r}: this bundle has roles {', '.join(self.roles)}")
         return self.adapters.index[role]
 
-    def add_request(self, prompt, role: str, params: SamplingParams | None = None, **sampling) -> int:
-        """Queue one request (text or token ids) for ``role``; returns its id. Run it with :meth:`step`."""
+    def _sequence(self, prompt, role: str, params: SamplingParams | None) -> Sequence:
         idx = self.role_index(role)
-        params = params or SamplingParams(**sampling)
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise ServeError("prompt must be text or a list of integer token ids")
         if not ids:
             raise ServeError("empty prompt: give at least one token")
         if min(ids) < 0 or max(ids) >= self.cfg.vocab_size:
             raise ServeError(f"prompt has token ids outside the vocabulary [0, {self.cfg.vocab_size})")
-        seq = Sequence(ids, role, idx, params)
-        if seq.max_tokens > self.cfg.max_position_embeddings:
-            raise ServeError(f"request needs {seq.max_tokens} positions (prompt + max_new_tokens) but the model's "
-                             f"max_position_embeddings is {self.cfg.max_position_embeddings}: shorten it")
+        n = len(ids) + params.max_new_tokens
+        if n > self.cfg.max_position_embeddings:
+            raise ServeError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                             f"model's context of {self.cfg.max_position_embeddings} positions: shorten it")
         window = self.cfg.sliding_window
-        if window and seq.max_tokens > window:
-            raise ServeError(f"request needs {seq.max_tokens} positions but the model's sliding window is {window}; "
+        if window and n - 1 > window:
+            raise ServeError(f"request needs {n - 1} positions but the model's sliding window is {window}; "
                              f"sliding-window attention is not implemented: shorten the prompt")
-        self.scheduler.add(seq)
-        return seq.id
+        gen = None
+        if params.temperature > 0:
+            import torch
+            gen = torch.Generator().manual_seed(params.seed if params.seed is not None else self._rng.getrandbits(63))
+        seq = Sequence(next(self._ids), ids, role, idx, params, gen)
+        seq.detok = Detokenizer(self.tokenizer, params.stop)
+        self.kv.check_fits(seq)
+        return seq
 
-    def step(self) -> list[Completion]:
-        """One engine step (admit, one batched forward, sample); the completions that finished in it."""
-        done = [s.completion() for s in self.scheduler.step()]
-        for c in done:
-            self._done[c.request_id] = c
-        return done
+    # -- requests -----------------------------------------------------------------------------------------------
+    def add_request(self, prompt, role: str, params: SamplingParams | None = None, **sampling) -> int:
+        """Queue one request (text or token ids) for ``role``; returns its id. Run it with :meth:`step`."""
+        params = params or SamplingParams(**sampling)
+        with self._lock:
+            seq = self._sequence(prompt, role, params)
+            self._seqs[seq.id] = seq
+            self.scheduler.add(seq)
+            return seq.id
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step (admit, one batched forward, sample): per request that advanced, its new tokens and
+        text, and its completion if it finished."""
+        with self._lock:
+            return [self._output(s) for s in self.scheduler.step()]
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        ids = seq.output_ids[seq.emitted_ids:]
+        if seq.finished and seq.finish_reason == "eos" and not seq.params.ignore_eos:
+            ids = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
+        text = seq.text if seq.finished else seq.detok.text[:seq.detok.safe_length()]
+        new_text = text[len(seq.emitted_text):] if text.startswith(seq.emitted_text) else ""
+        seq.emitted_ids, seq.emitted_text = len(seq.output_ids), seq.emitted_text + new_text
+        done = None
+        if seq.finished:
+            if not seq.emitted_text == seq.text:       # cannot happen with a consistent detokenizer; keep the stream's
+                seq.text = seq.emitted_text
+            done = seq.completion()
+            self._seqs.pop(seq.id, None)
+            if seq.id in self._collect:
+                self._collect[seq.id] = done
+        return RequestOutput(seq.id, seq.role, ids, new_text, seq.finished, done)
+
+    def abort(self, request_id: int) -> bool:
+        """Stop a request and free its blocks; False if it is not in flight."""
+        with self._lock:
+            seq = self._seqs.pop(request_id, None)
+            if seq is None:
+                return False
+            self.scheduler.abort(seq)
+            if request_id in self._collect:
+                self._collect[request_id] = seq.completion()
+            return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
-
-    def run_until_done(self) -> dict[int, Completion]:
-        while self.has_unfinished():
-            self.step()
-        done, self._done = self._done, {}
-        return done
+        with self._lock:
+            return self.scheduler.has_unfinished()
 
     def generate_batch(self, prompts: list, roles: list[str], params=None) -> list[Completion]:
-        """Run several requests concurrently (continuous batching); completions in input order."""
+        """Run several requests concurrently (continuous batching); completions in input order. Every request is
+        checked before any is queued. Safe to call from several threads at once."""
         if isinstance(params, SamplingParams) or params is None:
             params = [params or SamplingParams()] * len(prompts)
         if not (len(prompts) == len(roles) == len(params)):
             raise ServeError("generate_batch needs as many roles and params as prompts")
-        ids = [self.add_request(p, r, sp) for p, r, sp in zip(prompts, roles, params)]
-        done = self.run_until_done()
-        return [done[i] for i in ids]
+        with self._lock:
+            seqs = [self._sequence(p, r, sp) for p, r, sp in zip(prompts, roles, params)]
+            for s in seqs:
+                self._seqs[s.id] = s
+                self._collect[s.id] = None
+                self.scheduler.add(s)
+        ids = [s.id for s in seqs]
+        while True:
+            with self._lock:
+                if all(self._collect[i] is not None for i in ids):
+                    return [self._collect.pop(i) for i in ids]
+                if not self.step() and not self.scheduler.running:
+                    if not self.scheduler.waiting:
+                        continue                     # another thread's step finished ours: collect next round
+                    raise ServeError("the engine cannot make progress (cache pool too small for any request)")
 
     def generate(self, prompt, role: str, params: SamplingParams | None = None, **sampling) -> Completion:
         return self.generate_batch([prompt], [role], params or SamplingParams(**sampling))[0]
 
     # -- cache and stats ----------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Cache bytes by component (base K/V, low-rank L, free, capacity) and the layout."""
+        """Cache bytes by component (base K/V, low-rank L, free, capacity), the layout, and the scheduler counts."""
         c, a = self.cfg, self.adapters
         m = len(a.cached_targets()) if self.lowrank else 0
         elem = self.cache.k.element_size()
-        out = self.kv.stats()
-        out.update(mode=self.mode, block_size=self.block_size, num_blocks=self.num_blocks, roles=len(self.roles),
-                   rank=a.rank, lowrank_targets=a.cached_targets() if self.lowrank else [],
-                   bytes_per_token_base=2 * c.d_kv * elem * c.num_layers,
-                   bytes_per_token_lowrank=m * a.rank * elem * c.num_layers, steps=self.scheduler.steps)
+        with self._lock:
+            out = self.kv.stats()
+            out.update(mode=self.mode, block_size=self.block_size, num_blocks=self.num_blocks, roles=len(self.roles),
+                       rank=a.rank, lowrank_targets=a.cached_targets() if self.lowrank else [],
+                       bytes_per_token_base=2 * c.d_kv * elem * c.num_layers,
+                       bytes_per_token_lowrank=m * a.rank * elem * c.num_layers, steps=self.scheduler.steps,
+                       running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                       preemptions=self.scheduler.preemptions)
         return out
 
     def clear_cache(self) -> None:
         """Drop every cached prefix (requests in flight keep theirs)."""
-        self.kv.clear()
+        with self._lock:
+            self.kv.clear()
 
     def warmup(self) -> None:
         """One short request on a throwaway prompt (first-call overheads), then an empty cache."""
         ids = [self.cfg.bos_token_id or 0] * 2
         self.generate(ids, self.roles[0], max_new_tokens=2, ignore_eos=True)
         self.clear_cache()
+
+
+__all__ = ["Engine", "NoChatTemplate", "choose_mode", "resolve_base"]

@@ -12,7 +12,8 @@ import torch
 
 from lragent.bundle import Bundle, layer_of, target_of
 
-from .config import LORA_TARGETS, ModelConfig, ServeError
+from .config import ServeError
+from .models.config import ModelConfig
 
 
 @dataclass
@@ -57,15 +58,11 @@ class RoleAdapters:
         self.index = {r: i for i, r in enumerate(self.roles)}
         self.rank, self.scaling = bundle.rank, bundle.scaling
         self.targets = sorted({target_of(m) for m in bundle.modules})
-        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        dims = cfg.lora_dims
+        bad = [t for t in self.targets if t not in dims]
         if bad:
-            raise ServeError(f"bundle targets {bad} are not supported; the engine applies LoRA on {LORA_TARGETS}")
+            raise ServeError(f"bundle targets {bad} are not supported; the engine applies LoRA on {list(dims)}")
         self.share_a = set(bundle.share_a)
-        dims = {"q_proj": (cfg.hidden_size, cfg.num_heads * cfg.head_dim), "k_proj": (cfg.hidden_size, cfg.d_kv),
-                "v_proj": (cfg.hidden_size, cfg.d_kv), "o_proj": (cfg.num_heads * cfg.head_dim, cfg.hidden_size),
-                "gate_proj": (cfg.hidden_size, cfg.intermediate_size),
-                "up_proj": (cfg.hidden_size, cfg.intermediate_size),
-                "down_proj": (cfg.intermediate_size, cfg.hidden_size)}
         by_layer: list[dict[str, str]] = [{} for _ in range(cfg.num_layers)]
         for m in bundle.modules:
             li = layer_of(m)

@@ -1,6 +1,7 @@
 """Sampling parameters and next-token selection: greedy, or temperature + top-p with a per-request seed."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,13 +20,33 @@ class SamplingParams:
     return_logits: bool = False
 
     def __post_init__(self):
+        """Check every field (types included: JSON gives true for 1 and 3.0 for 3); one ServeError line."""
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
         self.stop = tuple(self.stop or ())
-        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+        if not all(isinstance(s, str) for s in self.stop):
+            raise ServeError("stop must be a string or a list of strings")
+
+        def number(name, v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ServeError(f"{name} must be a finite number, got {v!r}")
+            return float(v)
+
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or \
+                self.max_new_tokens < 1:
             raise ServeError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        self.temperature = number("temperature", self.temperature)
+        self.top_p = number("top_p", self.top_p)
         if self.temperature < 0:
             raise ServeError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ServeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2 ** 63):
+            raise ServeError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        for name in ("ignore_eos", "return_logits"):
+            if not isinstance(getattr(self, name), bool):
+                raise ServeError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -1,5 +1,12 @@
-"""Continuous batching: admit requests as the cache allows, then each step runs one flat batch mixing decode tokens
-and prefill chunks of sequences of any role; sample, stop, and free finished sequences."""
+"""Continuous batching with on-demand blocks and preemption.
+
+Each step: admit waiting requests while the pool has room for their tokens now (prefix reuse first); plan one
+flat batch (decode tokens first, then prefill chunks, up to ``max_batch_tokens``), growing every planned
+sequence's blocks; when a pool runs out, preempt the newest running sequence (its blocks are freed, what it
+computed stays in the prefix tree, and it is requeued at the front to be recomputed); run the batch, sample, stop
+and free finished sequences. A request that fits an empty pool always runs eventually: the oldest running
+sequence is never preempted for a newer one, and a sequence running alone always fits.
+"""
 from __future__ import annotations
 
 import time
@@ -7,52 +14,76 @@ from collections import deque
 
 import torch
 
-from .config import ServeError
 from .kvmanager import KVManager
-from .model import Batch, CacheTensors, ModelRunner
+from .runner import Batch, CacheTensors, ModelRunner
 from .sampling import sample
 from .sequence import Sequence
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, kv: KVManager, cache: CacheTensors, tokenizer, eos_ids, *,
-                 kv_comp: int, lr_comp: int | None, max_batch_tokens: int = 512, max_num_seqs: int = 64):
-        self.runner, self.kv, self.cache, self.tokenizer = runner, kv, cache, tokenizer
+    def __init__(self, runner: ModelRunner, kv: KVManager, cache: CacheTensors, eos_ids, *, lr_comp: int | None,
+                 max_batch_tokens: int = 512, max_num_seqs: int = 64):
+        self.runner, self.kv, self.cache = runner, kv, cache
         self.eos_ids = set(eos_ids)
-        self.kv_comp, self.lr_comp = kv_comp, lr_comp
+        self.lr_comp = lr_comp
         self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.steps = 0
+        self.steps = self.preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.kv.check_fits(seq)
-        seq.arrival = time.perf_counter()
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def abort(self, seq: Sequence) -> None:
+        """Stop a request now and free every block it holds (it publishes nothing more)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.finish(seq, publish=False)
+        seq.finish_reason = seq.finish_reason or "abort"
+        seq.finish_time = time.perf_counter()
+
+    # -- admission and planning ---------------------------------------------------------------------------------
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
-            if not self.kv.try_admit(self.waiting[0]):
-                if not self.running:                    # nothing will release blocks: never wait forever
-                    seq = self.waiting.popleft()
-                    raise ServeError(f"request {seq.id} ({seq.max_tokens} tokens) cannot be admitted into an idle "
-                                     f"cache pool: give the engine more cache blocks")
+            # leave one block of headroom for the running sequences' growth, unless nothing else runs
+            if not self.kv.try_admit(self.waiting[0], headroom=1 if self.running else 0):
                 break                                   # FIFO: wait for blocks to be released
             self.running.append(self.waiting.popleft())
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.finish(seq, publish=True)               # its computed blocks stay reusable until evicted
+        seq.num_computed, seq.preemptions = 0, seq.preemptions + 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
 
     def _plan(self) -> list[tuple[Sequence, int]]:
         budget, plan = self.max_batch_tokens, []
         decoding = [s for s in self.running if len(s) - s.num_computed == 1 and s.output_ids]
         prefilling = [s for s in self.running if not (len(s) - s.num_computed == 1 and s.output_ids)]
         for seq in decoding + prefilling:
+            if seq not in self.running or budget <= 0:
+                continue
             n = min(len(seq) - seq.num_computed, budget)
-            if n <= 0:
-                break
-            plan.append((seq, n))
-            budget -= n
+            while not self.kv.grow(seq, seq.num_computed + n):
+                victim = max(self.running, key=lambda s: s.id)          # the newest request
+                for i, (s, m) in enumerate(plan):
+                    if s is victim:
+                        del plan[i]
+                        budget += m
+                        break
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                plan.append((seq, n))
+                budget -= n
         return plan
 
     def _batch(self, plan: list[tuple[Sequence, int]]) -> Batch:
@@ -62,15 +93,14 @@ class Scheduler:
         tables, lr_tables = [], []
         for seq, n in plan:
             start, end = seq.num_computed, seq.num_computed + n
-            self.kv.ensure_blocks(seq, end)
             row0 = len(ids)
             ids += seq.token_slice(start, end)
             pos += range(start, end)
             roles += [seq.role_idx] * n
-            offs, slots = self.kv.write_slots(seq, self.kv_comp, start, end)
+            offs, slots = self.kv.write_slots(seq, 0, start, end)
             kv_rows += [row0 + o for o in offs]
             kv_slots += slots
-            tables.append(seq.comps[self.kv_comp].blocks)
+            tables.append(seq.comps[0].blocks)
             if self.lr_comp is not None:
                 offs, slots = self.kv.write_slots(seq, self.lr_comp, start, end)
                 lr_rows += [row0 + o for o in offs]
@@ -99,21 +129,29 @@ class Scheduler:
                       kv_rows=long(kv_rows), kv_slots=long(kv_slots), logits_rows=long(logit_rows),
                       max_q=max(n for _, n in plan), max_k=max(lens))
         if self.lr_comp is not None:
-            batch.lr_block_table = table(lr_tables) if self.lr_comp != self.kv_comp else batch.block_table
+            batch.lr_block_table = table(lr_tables) if self.lr_comp != 0 else batch.block_table
             batch.lr_rows, batch.lr_slots = long(lr_rows), long(lr_slots)
             batch.lr_roles = role_t[batch.lr_rows] if lr_rows else role_t[:0]
         return batch
 
+    # -- one step -----------------------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """Run one engine step; return the sequences that finished in it."""
+        """Run one engine step; return the sequences that sampled a token in it (finished ones included)."""
         self._admit()
         plan = self._plan()
         if not plan:
+            self._admit()                                # preemption may have made room for a waiting request
+            plan = self._plan()
+        if not plan:
+            if self.waiting and not self.running:        # cannot happen for a request that passed check_fits;
+                seq = self.waiting.popleft()             # never spin on it: finish it with an error
+                seq.finish_reason, seq.finish_time = "error", time.perf_counter()
+                self.kv.finish(seq, publish=False)
+                return [seq]
             return []
-        batch = self._batch(plan)
-        logits = self.runner.forward(batch, self.cache)
+        logits = self.runner.forward(self._batch(plan), self.cache)
         self.steps += 1
-        finished, li = [], 0
+        touched, li = [], 0
         now = time.perf_counter
         greedy = logits.argmax(dim=-1).tolist()          # one device sync for every greedy row
         for seq, n in plan:
@@ -131,33 +169,27 @@ class Scheduler:
             if not seq.published_prefill:
                 self.kv.publish(seq, partial=False)      # let later requests reuse this prompt right away
                 seq.published_prefill = True
+            touched.append(seq)
             if self._check_stop(seq, tok):
                 seq.finish_time = now()
                 self.kv.finish(seq)
                 self.running.remove(seq)
-                finished.append(seq)
-        return finished
+        return touched
 
     def _check_stop(self, seq: Sequence, tok: int) -> bool:
-        p = seq.params
+        p, d = seq.params, seq.detok
         if tok in self.eos_ids and not p.ignore_eos:
-            seq.finish_reason = "eos"
-            seq.text = self.tokenizer.decode(seq.output_ids[:-1], skip_special_tokens=True)
+            seq.finish_reason, seq.text = "eos", d.text
             return True
-        if p.stop:
-            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            cuts = [text.find(s) for s in p.stop if s and s in text]
-            if cuts:
-                seq.finish_reason, seq.text = "stop", text[:min(cuts)]
-                return True
+        cut = d.update(seq.output_ids)
+        if cut >= 0:
+            seq.finish_reason, seq.text = "stop", d.text[:cut]
+            return True
         if len(seq.output_ids) >= p.max_new_tokens:
-            seq.finish_reason = "length"
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            seq.finish_reason, seq.text = "length", d.text
             return True
         return False
 
     def abort_all(self) -> None:
-        for seq in self.running:
-            self.kv.finish(seq)
-        self.running.clear()
-        self.waiting.clear()
+        for seq in list(self.running) + list(self.waiting):
+            self.abort(seq)

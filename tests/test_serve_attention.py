@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from lragent.kernels import flash_lora_attention_paged_ref
-from lragent.serve.config import ModelConfig, ServeError
-from lragent.serve.cpu_attention import Plan, expand_rope, paged_attention_cpu
+from lragent.kernels import flash_lora_attention_paged_cpu, flash_lora_attention_paged_ref
+from lragent.kernels.cpu import Plan, expand_rope, paged_attention_cpu
+from lragent.serve.config import ServeError
+from lragent.serve.models.config import ModelConfig
 from lragent.serve.engine import Engine
 from lragent.serve.sampling import SamplingParams
 from support.bundles import write_random_bundle
@@ -47,6 +48,7 @@ def test_cpu_path_matches_reference(dtype, tol, lora, gqa):
     out = paged_attention_cpu(*args, **kw)
     assert out.dtype == ref.dtype
     assert (out.float() - ref.float()).abs().max().item() <= tol
+    assert torch.equal(flash_lora_attention_paged_cpu(*args, **kw), out)     # the public, checked entry point
     if kw["cos"] is not None:   # the engine's way: RoPE tables expanded over the KV heads once, handed in a Plan
         plan = Plan(args[3], args[4], args[5], kw["agent_ids"], kw["lr_block_table"], args[1].shape[1],
                     *expand_rope(kw["cos"], kw["sin"], gqa[1]), gqa[1])

@@ -17,7 +17,7 @@ def write(pool, ns, tokens, parent=None):
     """Allocate and insert one block per BS tokens (the last may be partial); returns the nodes, held once."""
     nodes = []
     for i in range(0, len(tokens), BS):
-        blk = pool.allocate(reserved=False)
+        blk = pool.allocate()
         node = pool.insert(ns, parent, tuple(tokens[i:i + BS]), blk)
         assert node is not None
         nodes.append(node)
@@ -57,13 +57,12 @@ def test_lru_eviction_leaves_first_and_never_in_use():
     b = write(pool, NS, [9, 9, 9, 9])                     # one block
     pool.release(a)                                       # a released first: least recently used
     assert pool.available() == 1 + 2
-    blk = pool.allocate(reserved=False)                   # the free block
-    blk2 = pool.allocate(reserved=False)                  # evicts a's leaf (not its parent first, not b: in use)
+    blk = pool.allocate()                   # the free block
+    blk2 = pool.allocate()                  # evicts a's leaf (not its parent first, not b: in use)
     assert blk2 == a[1].block and a[1].tokens not in a[0].children
-    blk3 = pool.allocate(reserved=False)                  # then a's root block, now a leaf
+    blk3 = pool.allocate()                  # then a's root block, now a leaf
     assert blk3 == a[0].block and pool.n_nodes == 1
-    with pytest.raises(RuntimeError):                     # only b is left, and b is in use
-        pool.allocate(reserved=False)
+    assert pool.allocate() is None                        # only b is left, and b is in use: exhausted
     assert pool.match(NS, [9, 9, 9, 9, 0], 4).length == 4
     for x in (blk, blk2, blk3):
         pool.free_block(x)
@@ -71,31 +70,30 @@ def test_lru_eviction_leaves_first_and_never_in_use():
     assert pool.available() == 4 and pool.evictions == 2
 
 
-def test_reservations_and_cost():
+def test_availability_and_cost():
     pool, _ = make(num_blocks=4)
     nodes = write(pool, NS, [1, 2, 3, 4, 5, 6, 7, 8])
     pool.release(nodes)
-    assert pool.cost(nodes) == 2 and pool.available() == 4
+    assert pool.cost(nodes) == 2 and pool.available() == 4 and pool.held() == 0
     pool.acquire(nodes)
-    assert pool.cost(nodes) == 0 and pool.available() == 2
-    pool.reserve(2)
-    assert pool.available() == 0
-    pool.allocate()
-    assert pool.reserved == 1
+    assert pool.cost(nodes) == 0 and pool.available() == 2 and pool.held() == 2
+    blk = pool.allocate()
+    assert pool.available() == 1 and pool.held() == 3
+    pool.free_block(blk)
     pool.release(nodes)
-    assert pool.available() == 2
+    assert pool.available() == 4
 
 
 def test_full_block_supersedes_stale_partial_and_copy():
     pool, t = make()
     root = write(pool, NS, [1, 2, 3, 4])
-    part = pool.insert(NS, root[0], (5, 6), pool.allocate(reserved=False))
+    part = pool.insert(NS, root[0], (5, 6), pool.allocate())
     t[0, part.block, :2, 0] = torch.tensor([50.0, 60.0])
     pool.release(root + [part])
-    dst = pool.allocate(reserved=False)
+    dst = pool.allocate()
     pool.copy_tokens(part.block, dst, 2)
     assert t[0, dst, :2, 0].tolist() == [50.0, 60.0]
     full = pool.insert(NS, root[0], (5, 6, 7, 8), dst)
     assert (5, 6) not in root[0].children and full is not None
-    assert pool.insert(NS, root[0], (5, 6), pool.allocate(reserved=False)) is None   # covered by the full one
+    assert pool.insert(NS, root[0], (5, 6), pool.allocate()) is None   # covered by the full one
     assert pool.insert(NS, root[0], (5, 6, 7, 8), 0) is None                          # twin: not adopted

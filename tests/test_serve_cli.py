@@ -49,8 +49,16 @@ def test_run_all_modes_table(paths, capsys):
     for mode in ("nonshared", "fullshared", "baseshared", "lrshared"):
         assert f"\n{mode} " in summary
     rows = {line.split()[0]: line.split() for line in summary.splitlines()[2:] if line.strip()}
-    assert rows["fullshared"][4] == "1.00x"                     # hand-off TTFT against itself
-    assert rows["nonshared"][-2] == "1.00x"                     # cache bytes against itself
+    # hand-off TTFT against fullshared, taken from the unrounded times (the table shows ms to 0.1)
+    lr_ms, full_ms, printed = float(rows["lrshared"][3]), float(rows["fullshared"][3]), rows["lrshared"][4]
+    assert printed.endswith("x") and abs(float(printed[:-1]) - lr_ms / full_ms) <= 0.05 * lr_ms / full_ms + 0.06
+    # cache bytes against nonshared, from the printed totals ("504.0 KiB"; the exact analytic ratio is checked
+    # to the byte in test_serve_sharing)
+    unit = {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30}
+    total = {m: float(rows[m][-4]) * unit[rows[m][-3]] for m in rows}
+    for m in ("lrshared", "fullshared", "baseshared"):
+        assert abs(float(rows[m][-2][:-1]) - total[m] / total["nonshared"]) <= 0.006
+    assert total["lrshared"] < total["baseshared"] < total["nonshared"]
     rc, out, err = run_cli(capsys, "run", "--bundle", paths["bundle"], "--trajectory", traj, "--mode", "all",
                            "--json", "--no-warmup", "--repeat", "2")
     doc = json.loads(out)

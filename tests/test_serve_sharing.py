@@ -118,10 +118,10 @@ def test_cache_bytes(bundles, dtype, key):
 @pytest.mark.parametrize("mode,key", [("nonshared", "three"), ("lrshared", "one")])
 def test_tiny_pool_evicts_and_matches_huge_pool(bundles, mode, key):
     roles = ROLES if key == "three" else ["planner"] * 5
-    huge = Engine(bundles[key], mode=mode, num_blocks=512, block_size=8)
+    huge = Engine(bundles[key], mode=mode, cache_tokens=512 * 8, block_size=8)
     ref = flow(huge, roles)
     longest = len(PROMPT) + len(roles) * (GREEDY.max_new_tokens + len(EXTRA))
-    tiny = Engine(bundles[key], mode=mode, num_blocks=-(-longest // 8), block_size=8)
+    tiny = Engine(bundles[key], mode=mode, cache_tokens=-(-longest // 8) * 8, block_size=8)
     outs = flow(tiny, roles)
     assert_same(outs, ref, tol=1e-5)
     assert tiny.stats()["evictions"] > 0 and huge.stats()["evictions"] == 0
@@ -144,7 +144,7 @@ def test_concurrent_roles_equal_one_at_a_time(bundles, mode):
 
 def test_request_waits_for_blocks_in_use(bundles):
     """Two requests that do not fit together: the second waits (nothing in use is evicted), same outputs."""
-    eng = Engine(bundles["three"], mode="nonshared", num_blocks=8, block_size=8)
+    eng = Engine(bundles["three"], mode="nonshared", cache_tokens=8 * 8, block_size=8)
     prompts, roles = [PROMPT, PROMPT[:30]], ["planner", "actor"]
     together = eng.generate_batch(prompts, roles, GREEDY)
     alone = [Engine(bundles["three"], mode="nonshared").generate(p, r, GREEDY) for p, r in zip(prompts, roles)]
@@ -171,12 +171,13 @@ def test_stop_strings_and_eos(bundles):
     stop = words[2]
     out = eng.generate(PROMPT, "actor", max_new_tokens=6, ignore_eos=True, stop=[stop])
     assert out.finish_reason == "stop" and stop not in out.text and full.text.startswith(out.text)
-    eos = eng.eos_ids[0]
-    # a prompt the model continues with EOS: force it by checking the reason whenever EOS is sampled
+    # EOS: make the greedy run's third token the end-of-sequence token; the request stops there, the EOS id is
+    # the last token id and the text holds only the two tokens before it
+    eos = full.token_ids[2]
+    eng.eos_ids, eng.scheduler.eos_ids = [eos], {eos}
     out = eng.generate(PROMPT, "actor", max_new_tokens=6)
-    assert out.finish_reason in ("eos", "length")
-    if out.finish_reason == "eos":
-        assert out.token_ids[-1] == eos
+    assert out.finish_reason == "eos" and out.token_ids == full.token_ids[:3]
+    assert out.text == eng.tokenizer.decode(full.token_ids[:2], skip_special_tokens=True)
 
 
 def test_baseshared_with_per_role_a(base, tmp_path):
@@ -200,14 +201,14 @@ def test_cache_keys_carry_base_fingerprint_family_and_adapter(bundles, base, tmp
 
     fp = base_fingerprint(base)
     fam = load_bundle(bundles["three"]).a_family_hash
-    seq = Sequence([1, 2], "actor", 1, GREEDY)
+    seq = Sequence(0, [1, 2], "actor", 1, GREEDY, None)
     lr = Engine(bundles["three"], mode="lrshared")
-    assert lr.kv.components[0].namespace(seq) == ("lrshared", fp, fam)
+    assert lr.kv.components[0].namespace(seq) == ("kv", "lrshared", "role", fp, fam)
     ns = Engine(bundles["three"], mode="nonshared")
     key = ns.kv.components[0].namespace(seq)
-    assert key[:3] == ("nonshared", fp, "actor")
+    assert key[:4] == ("kv", "nonshared", "role", fp) and key[5] == "actor"
     # a re-exported adapter under the same role name gets another key: no stale reuse
     other = write_random_bundle(base, tmp_path / "other", roles=("planner", "actor", "reflector"), rank=8,
                                 targets=ALL, seed=99)
     assert Engine(other, mode="nonshared").kv.components[0].namespace(seq) != key
-    assert Engine(other, mode="lrshared").kv.components[0].namespace(seq) != ("lrshared", fp, fam)
+    assert Engine(other, mode="lrshared").kv.components[0].namespace(seq) != ("kv", "lrshared", "role", fp, fam)

@@ -7,7 +7,7 @@ import torch
 
 from lragent.bundle import Bundle, base_fingerprint, write_bundle
 
-from lragent.serve.config import ModelConfig
+from lragent.serve.models import load_config
 
 
 def random_bundle(base_dir: str | Path, *, roles=("planner", "actor", "reflector"), rank: int = 8,
@@ -16,11 +16,8 @@ def random_bundle(base_dir: str | Path, *, roles=("planner", "actor", "reflector
                   identical: bool = False) -> Bundle:
     """A bundle with random A and B (B non-zero, so roles really differ) for every layer of ``targets``.
     ``identical``: every role gets the same tensors."""
-    cfg = ModelConfig.from_dir(base_dir)
-    dims = {"q_proj": (cfg.hidden_size, cfg.num_heads * cfg.head_dim), "k_proj": (cfg.hidden_size, cfg.d_kv),
-            "v_proj": (cfg.hidden_size, cfg.d_kv), "o_proj": (cfg.num_heads * cfg.head_dim, cfg.hidden_size),
-            "gate_proj": (cfg.hidden_size, cfg.intermediate_size), "up_proj": (cfg.hidden_size, cfg.intermediate_size),
-            "down_proj": (cfg.intermediate_size, cfg.hidden_size)}
+    cfg = load_config(base_dir)
+    dims = cfg.lora_dims
     g = torch.Generator().manual_seed(seed)
     a_std = a_std if a_std is not None else 1.0 / cfg.hidden_size ** 0.5
     shared_a, role_a, role_b = {}, {r: {} for r in roles}, {r: {} for r in roles}

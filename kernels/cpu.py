@@ -1,7 +1,7 @@
-"""A lean torch implementation of the paged Flash-LoRA-Attention call: the engine's CPU path.
+"""A lean torch implementation of the paged Flash-LoRA-Attention call: the CPU fast path beside the references.
 
-Same semantics and signature as ``lragent.kernels.flash_lora_attention_paged_ref`` (tested against it), built for
-few-token steps over long contexts, where the cost is the number of torch ops, not FLOPs:
+``flash_lora_attention_paged_cpu`` has the signature and semantics of ``flash_lora_attention_paged_ref`` (tested
+against it). It is built for few-token steps over long contexts, where the cost is the number of torch ops:
 
 - grouped-query heads are batched as rows (no K/V repetition per query head);
 - the key term is expanded with ONE matmul of the gathered L_k rows against B_k (all KV heads side by side), then
@@ -13,13 +13,16 @@ few-token steps over long contexts, where the cost is the number of torch ops, n
   H*Sq*r per key instead of H_kv*D*r;
 - single-query rows (decode) need no mask.
 
-Engine-only extras: ``prepared`` (B laid out per adapter, built once by :func:`prepare_b`), ``lr_cache`` (the
-[num_lr_blocks, block_size, m*r] tensor of which ``lr_k_cache`` / ``lr_v_cache`` are views: one gather) and ``plan``
-(a :class:`Plan`: the per-step bookkeeping shared by all layers). Without them it takes the standard arguments.
+A serving engine calls :func:`paged_attention_cpu` with three extras made once: ``prepared`` (B laid out per adapter,
+by :func:`prepare_b`, once per engine), ``plan`` (a :class:`Plan`: per-step bookkeeping shared by all layers) and
+``lr_cache`` (the [num_lr_blocks, block_size, m*r] tensor of which ``lr_k_cache`` / ``lr_v_cache`` are views: one
+gather instead of two).
 """
 from __future__ import annotations
 
 import torch
+
+from ._args import check_paged
 
 
 def prepare_b(b_k: torch.Tensor | None, b_v: torch.Tensor | None) -> dict:
@@ -67,11 +70,30 @@ class Plan:
         return [flat[b, :n] for b, n in enumerate(self.lens)]
 
 
+def flash_lora_attention_paged_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, lr_v_cache=None,
+                                   b_v=None, agent_ids=None, lr_block_table=None, lr_k_cache=None, b_k=None,
+                                   cos=None, sin=None, softmax_scale=None, causal=True, max_seqlen_q=None,
+                                   max_seqlen_k=None, num_splits=None, out=None):
+    """``flash_lora_attention_paged_ref`` computed by the torch fast path (fp32 math); the hints max_seqlen_q,
+    max_seqlen_k and num_splits are ignored. Returns [total_q, H, D] in q's dtype (into ``out`` if given)."""
+    b_v, b_k, agent_ids, _, lr_block_table = check_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                                                         lr_v_cache, b_v, agent_ids, lr_block_table, lr_k_cache,
+                                                         b_k, cos, sin)
+    o = paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, lr_v_cache=lr_v_cache, b_v=b_v,
+                            agent_ids=agent_ids, lr_block_table=lr_block_table, lr_k_cache=lr_k_cache, b_k=b_k,
+                            cos=cos, sin=sin, softmax_scale=softmax_scale, causal=causal)
+    if out is None:
+        return o
+    out.copy_(o)
+    return out
+
+
 def paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, lr_v_cache=None, b_v=None,
                         agent_ids=None, lr_block_table=None, lr_k_cache=None, b_k=None, cos=None, sin=None,
-                        softmax_scale=None, prepared: dict | None = None, lr_cache: torch.Tensor | None = None,
-                        plan: Plan | None = None):
-    """``flash_lora_attention_paged`` semantics in torch (fp32 math, one sequence at a time); see the module doc."""
+                        softmax_scale=None, causal=True, prepared: dict | None = None,
+                        lr_cache: torch.Tensor | None = None, plan: Plan | None = None):
+    """The fast path with the engine's extras (``prepared``, ``plan``, ``lr_cache``; see the module doc); inputs are
+    not checked."""
     total_q, n_heads, d = q.shape
     n_kv = k_cache.shape[2]
     group = n_heads // n_kv
@@ -115,7 +137,7 @@ def paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
                 k2[:, :, 1].addcmul_(x[:, :, 0], sin[:, :, 1])
         qb = qs[q0:q1].view(sq, n_kv, group, d).permute(1, 2, 0, 3).reshape(n_kv, group * sq, d)
         s = torch.bmm(qb, k.permute(1, 2, 0))                                   # [H_kv, G*sq, n]
-        if sq > 1:
+        if sq > 1 and causal:
             mask = torch.ones(sq, n, dtype=torch.bool, device=q.device).triu_(n - sq + 1)
             s = s.view(n_kv, group, sq, n).masked_fill_(mask, float("-inf")).view(n_kv, group * sq, n)
         p = torch.softmax(s, dim=-1)
