@@ -202,16 +202,19 @@ class Engine:
                 self._collect[seq.id] = done
         return RequestOutput(seq.id, seq.role, ids, new_text, seq.finished, done)
 
-    def abort(self, request_id: int) -> bool:
-        """Stop a request and free its blocks; False if it is not in flight."""
+    def abort(self, request_id: int) -> Completion | None:
+        """Stop a request and free its blocks; its completion (finish_reason "abort"), or None if it is not in
+        flight."""
         with self._lock:
             seq = self._seqs.pop(request_id, None)
             if seq is None:
-                return False
+                return None
             self.scheduler.abort(seq)
+            seq.text = seq.emitted_text
+            done = seq.completion()
             if request_id in self._collect:
-                self._collect[request_id] = seq.completion()
-            return True
+                self._collect[request_id] = done
+            return done
 
     def has_unfinished(self) -> bool:
         with self._lock:

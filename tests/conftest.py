@@ -1,7 +1,11 @@
 import os
 
-# Must be set before any module defining a @triton.jit kernel is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# The Triton interpreter only where there is no GPU (on a GPU the compiled kernels are what the tests check). Must
+# be set before any module defining a @triton.jit kernel is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -9,7 +13,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -97,3 +97,37 @@ def test_each_role_equals_plain_peft(tiny_base, rslora):
 def test_targets_must_exist(tiny_base):
     with pytest.raises(ValueError, match="not Linear modules"):
         inject_lora(_model(tiny_base), LoraSpec(roles=ROLES, targets=["q_proj", "nope"], share_a=[]))
+
+
+def test_one_role_gradients_equal_plain_peft(tiny_base):
+    """Training one role through the shared-A layer computes PEFT's gradients for that role's A and B."""
+    import peft
+
+    spec = LoraSpec(roles=ROLES, rank=4, alpha=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = _model(tiny_base)
+    inject_lora(model, spec, seed=5)
+    _randomise_b(model, seed=6)
+    state = lora_state(model, ROLES)
+    ids = torch.randint(5, 150, (2, 15))
+    k, role = 1, "actor"
+    with roles(model, torch.tensor([k, k])):
+        model(input_ids=ids, labels=ids).loss.backward()
+    ref = peft.get_peft_model(_model(tiny_base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=spec.targets,
+                                                                 lora_dropout=0.0))
+    pairs = []
+    for name, mod in ref.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            path = name.removeprefix("base_model.model.")
+            with torch.no_grad():
+                mod.lora_A["default"].weight.copy_(state.get(f"{path}.lora_A", state.get(f"{path}.lora_A.{role}")))
+                mod.lora_B["default"].weight.copy_(state[f"{path}.lora_B.{role}"])
+            pairs.append((path, mod))
+    ref(input_ids=ids, labels=ids).loss.backward()
+    ours = lora_modules(model)
+    assert len(pairs) == len(ours) == 4 * 2
+    for path, mod in pairs:
+        m = ours[path]
+        a_grad = m.lora_A[0].grad if m.shared else m.lora_A[k].grad
+        torch.testing.assert_close(a_grad, mod.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(m.lora_B[k].grad, mod.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-7)
+        assert m.lora_B[k].grad.abs().sum() > 0

@@ -12,7 +12,8 @@ PROMPTS = {"planner": [1, 5, 11, 18, 19, 20, 21, 46, 15, 2, 8, 11],
 N_NEW = 6
 
 
-# (model type, shape, rank, targets, share_a): covers GQA and MHA, head_dim 16/32/64, ranks 4/8/16, K+V and V-only.
+# (model type, shape, rank, targets, share_a): covers GQA and MHA, head_dim 16/32/64, ranks 4/8/16, K+V and V-only,
+# and every model family the engine serves (serve/models).
 MATRIX = [
     ("llama", "gqa16", 4, ALL, ("k_proj", "v_proj")),
     ("llama", "mha16", 8, ("q_proj", "v_proj", "o_proj"), ("v_proj",)),
@@ -21,6 +22,7 @@ MATRIX = [
     ("mistral", "gqa16", 8, ("q_proj", "k_proj", "v_proj"), ("k_proj", "v_proj")),
     ("qwen2", "gqa16", 4, ("q_proj", "k_proj", "v_proj", "o_proj"), ("v_proj",)),
     ("qwen3", "gqa16", 8, ("k_proj", "v_proj", "o_proj"), ("k_proj", "v_proj")),
+    ("gemma", "gqa16", 8, ALL, ("k_proj", "v_proj")),
 ]
 
 

@@ -34,7 +34,8 @@ def tiny_llama_config(shape: str = "gqa16", *, hidden_size: int = 64, num_hidden
     kw.update(TINY_SHAPES[shape])
     kw.update(overrides)
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[model_type]
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "gemma": transformers.GemmaConfig}[model_type]
     return cls(**kw)
 
 
