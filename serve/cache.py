@@ -22,10 +22,10 @@ import torch
 
 
 class Node:
-    __slots__ = ("tokens", "block", "parent", "children", "ref")
+    __slots__ = ("tokens", "block", "parent", "children", "ref", "writer")
 
-    def __init__(self, tokens: tuple, block: int, parent: "Node | None"):
-        self.tokens, self.block, self.parent = tokens, block, parent
+    def __init__(self, tokens: tuple, block: int, parent: "Node | None", writer=None):
+        self.tokens, self.block, self.parent, self.writer = tokens, block, parent, writer
         self.children: dict[tuple, Node] = {}
         self.ref = 0
 
@@ -109,9 +109,10 @@ class PrefixCache:
                 if not n.children:
                     self.evictable[id(n)] = n
 
-    def insert(self, namespace: tuple, parent: Node | None, tokens: tuple, block: int) -> Node | None:
-        """Adopt a written block as the child of ``parent`` (None: the namespace root), held once by the caller.
-        Returns None (nothing adopted) when the tree already has these tokens there."""
+    def insert(self, namespace: tuple, parent: Node | None, tokens: tuple, block: int, writer=None) -> Node | None:
+        """Adopt a written block as the child of ``parent`` (None: the namespace root), held once by the caller;
+        ``writer`` records who computed it (a role name). Returns None (nothing adopted) when the tree already has
+        these tokens there."""
         if parent is None:
             parent = self.roots.get(namespace)
             if parent is None:
@@ -124,7 +125,7 @@ class PrefixCache:
         for c in list(parent.children.values()):
             if len(c.tokens) < len(tokens) and c.ref == 0 and tokens[:len(c.tokens)] == c.tokens:
                 self._remove(c)            # a stale partial block this longer one supersedes
-        node = Node(tokens, block, parent)
+        node = Node(tokens, block, parent, writer)
         node.ref = 1
         parent.children[tokens] = node
         self.evictable.pop(id(parent), None)

@@ -269,9 +269,27 @@ def cmd_chat(args) -> int:
                   f"{s.decode_tok_s:.0f} tok/s]", file=sys.stderr)
 
 
+# ------------------------------------------------------------------------------------------------------- serve
+@_guard
+def cmd_serve(args) -> int:
+    try:
+        from .api.server import run_server
+    except ImportError as e:
+        raise ServeError(f"lragent serve needs the server extra ({e.name} is missing): pip install 'lragent[serve]'")
+    if not 0 <= args.port <= 65535:
+        raise ServeError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_queue is not None and args.max_queue < 1:
+        raise ServeError(f"--max-queue must be >= 1, got {args.max_queue}")
+    engine = _make_engine(args, args.mode)
+    if not args.no_warmup:
+        engine.warmup()
+    return run_server(engine, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
+                      drain_s=args.drain_timeout)
+
+
 # ----------------------------------------------------------------------------------------------------- wiring
 def add_serve_commands(subparsers) -> None:
-    """Register ``generate``, ``run`` and ``chat`` (each sets ``func``: args -> exit code)."""
+    """Register ``generate``, ``run``, ``chat`` and ``serve`` (each sets ``func``: args -> exit code)."""
     p = subparsers.add_parser("generate", help="one request for one role")
     _engine_args(p)
     p.add_argument("--role", default=None, help="role adapter to use (default: the bundle's first role)")
@@ -293,6 +311,15 @@ def add_serve_commands(subparsers) -> None:
     p.add_argument("--role", default=None, help="starting role (default: the bundle's first role)")
     _sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server; every role is a model")
+    _engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--max-queue", type=int, default=None, help="requests in flight before 429 (default: no limit)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds requests in flight get on SIGTERM")
+    p.set_defaults(func=cmd_serve)
 
 
 def main(argv=None) -> int:

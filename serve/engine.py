@@ -119,8 +119,7 @@ class Engine:
         self.cache = CacheTensors(self.cfg, self.num_blocks, self.block_size, num_lr_blocks=n_lr, rank=a.rank,
                                   lr_targets=lr_targets, dtype=self.dtype, device=self.device)
         fp = (self.bundle.base or {}).get("config_sha256") or base_fingerprint(self.base_dir)
-        comps = build_components(mode, self.cache, self.num_blocks, self.block_size, base_fp=fp, family=a.family,
-                                 role_hash=a.role_hash)
+        comps = build_components(mode, self.cache, self.num_blocks, self.block_size, base_fp=fp, family=a.family)
         self.kv = KVManager(comps, self.block_size)
         self._lr_comp = None if not lr_targets else next(i for i, c in enumerate(comps) if "lowrank" in c.block_bytes)
 
@@ -165,6 +164,7 @@ class Engine:
             import torch
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else self._rng.getrandbits(63))
         seq = Sequence(next(self._ids), ids, role, idx, params, gen)
+        seq.adapter_hash = self.adapters.role_hash[role]
         seq.detok = Detokenizer(self.tokenizer, params.stop)
         self.kv.check_fits(seq)
         return seq
@@ -187,8 +187,9 @@ class Engine:
 
     def _output(self, seq: Sequence) -> RequestOutput:
         ids = seq.output_ids[seq.emitted_ids:]
+        lps = seq.logprobs[seq.emitted_ids:]
         if seq.finished and seq.finish_reason == "eos" and not seq.params.ignore_eos:
-            ids = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
+            ids, lps = (ids[:-1], lps[:-1]) if ids and ids[-1] in self.eos_ids else (ids, lps)
         text = seq.text if seq.finished else seq.detok.text[:seq.detok.safe_length()]
         new_text = text[len(seq.emitted_text):] if text.startswith(seq.emitted_text) else ""
         seq.emitted_ids, seq.emitted_text = len(seq.output_ids), seq.emitted_text + new_text
@@ -200,7 +201,7 @@ class Engine:
             self._seqs.pop(seq.id, None)
             if seq.id in self._collect:
                 self._collect[seq.id] = done
-        return RequestOutput(seq.id, seq.role, ids, new_text, seq.finished, done)
+        return RequestOutput(seq.id, seq.role, ids, new_text, seq.finished, done, lps)
 
     def abort(self, request_id: int) -> Completion | None:
         """Stop a request and free its blocks; its completion (finish_reason "abort"), or None if it is not in
@@ -245,6 +246,50 @@ class Engine:
 
     def generate(self, prompt, role: str, params: SamplingParams | None = None, **sampling) -> Completion:
         return self.generate_batch([prompt], [role], params or SamplingParams(**sampling))[0]
+
+    # -- roles at run time --------------------------------------------------------------------------------------
+    def add_base_role(self, name: str) -> None:
+        """Serve the base model itself (no adapter) under ``name``: a zero adapter, exact to the base."""
+        with self._lock:
+            if name in self.adapters.index:
+                raise ServeError(f"model name {name!r} is already taken by a role")
+            self.adapters.add_role(name)
+            self.runner.refresh_adapters()
+
+    def load_role(self, name: str, bundle_dir, source: str | None = None) -> None:
+        """Add role ``source`` (default: ``name``, or the bundle's only role) of another bundle as ``name``. Only a
+        bundle of the same base model (fingerprint) and the same A family, modules, rank and scaling can join
+        the shared cache; anything else is a one-line error and nothing changes."""
+        if not isinstance(name, str) or not 0 < len(name) <= 64 or not all(c.isalnum() or c in "_.-" for c in name):
+            raise ServeError(f"adapter name {name!r}: use 1-64 letters, digits, '_', '.', '-'")
+        other = load_bundle(Path(bundle_dir), base_dir=self.base_dir)
+        mine = self.bundle
+        if other.a_family_hash is None or other.a_family_hash != mine.a_family_hash:
+            raise ServeError(f"bundle {bundle_dir} has another A family ({str(other.a_family_hash)[:12]} != "
+                             f"{str(mine.a_family_hash)[:12]}): its roles cannot share this engine's cache")
+        if sorted(other.modules) != sorted(mine.modules) or other.rank != mine.rank or \
+                other.scaling != mine.scaling or sorted(other.share_a) != sorted(mine.share_a):
+            raise ServeError(f"bundle {bundle_dir} has other LoRA modules, rank, scaling or shared targets than the "
+                             f"served bundle")
+        if source is None:
+            source = name if name in other.roles else (other.roles[0] if len(other.roles) == 1 else None)
+        if source not in other.roles:
+            raise ServeError(f"bundle {bundle_dir} has roles {', '.join(other.roles)}: say which one to load")
+        with self._lock:
+            if name in self.adapters.index:
+                raise ServeError(f"a role named {name!r} is already loaded: unload it first")
+            self.adapters.add_role(name, other, source)
+            self.runner.refresh_adapters()
+            self.roles.append(name)
+
+    def unload_role(self, name: str) -> None:
+        """Stop accepting requests for ``name``; requests in flight finish with its adapter."""
+        with self._lock:
+            if name not in self.adapters.index:
+                raise ServeError(f"no role named {name!r} is loaded")
+            del self.adapters.index[name]
+            if name in self.roles:
+                self.roles.remove(name)
 
     # -- cache and stats ----------------------------------------------------------------------------------------
     def stats(self) -> dict:

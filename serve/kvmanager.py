@@ -37,20 +37,22 @@ class Component:
     block_bytes: dict[str, int]        # bytes per block by kind ("base", "lowrank")
 
 
-def build_components(mode: CacheMode, cache, num_blocks: int, block_size: int, *, base_fp: str, family: str,
-                     role_hash: dict[str, str]) -> list[Component]:
+def build_components(mode: CacheMode, cache, num_blocks: int, block_size: int, *, base_fp: str,
+                     family: str) -> list[Component]:
     """The block pools of ``mode`` over the cache tensors, with namespaces from the mode's row."""
     head = (mode.name, mode.writer, base_fp)
-    per_role = {r: (*head, family, r, h) for r, h in role_hash.items()}
     shared = (*head, family)
+
+    def per_role(s: Sequence) -> tuple:        # the adapter the request was admitted with (roles may be reloaded)
+        return (*shared, s.role, s.adapter_hash)
     lr_in_kv = mode.lowrank and not mode.lowrank_per_role and cache.lr is not None
-    kv_ns = (lambda s: ("kv", *per_role[s.role])) if mode.kv_per_role else (lambda s: ("kv", *shared))
+    kv_ns = (lambda s: ("kv", *per_role(s))) if mode.kv_per_role else (lambda s: ("kv", *shared))
     kv_bytes = {"base": cache.kv_block_bytes, **({"lowrank": cache.lr_block_bytes} if lr_in_kv else {})}
     comps = [Component("kv", PrefixCache(num_blocks, block_size, [cache.k, cache.v] + ([cache.lr] if lr_in_kv else [])),
                        kv_ns, kv_bytes)]
     if mode.lowrank and mode.lowrank_per_role and cache.lr is not None:
         comps.append(Component("lr", PrefixCache(cache.lr.shape[1], block_size, [cache.lr]),
-                               lambda s: ("lr", *per_role[s.role]), {"lowrank": cache.lr_block_bytes}))
+                               lambda s: ("lr", *per_role(s)), {"lowrank": cache.lr_block_bytes}))
     return comps
 
 
@@ -102,6 +104,14 @@ class KVManager:
         seq.num_computed = start
         if seq.reused is None:
             seq.reused = min(start, len(seq.prompt_ids))
+            m0 = matches[0]                         # prompt tokens another role computed (the shared-cache win)
+            spans = [(len(n.tokens), n.writer) for n in m0.nodes] + ([(m0.cow[1], m0.cow[0].writer)] if m0.cow else [])
+            left, cross = seq.reused, 0
+            for n, writer in spans:
+                take = min(n, left)
+                cross += take if writer != seq.role else 0
+                left -= take
+            seq.reused_cross = cross
         return True
 
     def grow(self, seq: Sequence, upto: int) -> bool:
@@ -135,7 +145,8 @@ class KVManager:
                 parent = st.nodes[-1] if st.nodes else None
                 if parent is not None and len(parent.tokens) < bs:
                     break                       # a partial node is a leaf
-                node = c.pool.insert(ns, parent, tuple(tokens[i * bs:min((i + 1) * bs, n)]), st.blocks[i])
+                node = c.pool.insert(ns, parent, tuple(tokens[i * bs:min((i + 1) * bs, n)]), st.blocks[i],
+                                     writer=seq.role)
                 if node is None:
                     st.stopped = True
                     break

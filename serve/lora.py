@@ -54,8 +54,9 @@ class RoleAdapters:
     """All roles of one bundle on one base model, on the serving device and dtype."""
 
     def __init__(self, bundle: Bundle, cfg: ModelConfig, *, dtype: torch.dtype, device):
-        self.roles = list(bundle.roles)
-        self.index = {r: i for i, r in enumerate(self.roles)}
+        self.roles = list(bundle.roles)                      # every adapter slot, in stacking order
+        self.index = {r: i for i, r in enumerate(self.roles)}   # the roles requests may use -> slot
+        self.cfg, self.dtype, self.device, self.modules = cfg, dtype, device, list(bundle.modules)
         self.rank, self.scaling = bundle.rank, bundle.scaling
         self.targets = sorted({target_of(m) for m in bundle.modules})
         dims = cfg.lora_dims
@@ -69,6 +70,7 @@ class RoleAdapters:
             if li >= cfg.num_layers:
                 raise ServeError(f"bundle module {m} is beyond the base model's {cfg.num_layers} layers: wrong --base?")
             by_layer[li][target_of(m)] = m
+        self.by_layer = by_layer
         r, s = self.rank, self.scaling
         self.layers: list[dict[str, LoraModule]] = []
         for li in range(cfg.num_layers):
@@ -90,15 +92,7 @@ class RoleAdapters:
                 mods[t] = LoraModule(a=(a * s).to(device=device, dtype=dtype).contiguous(),
                                      b=b.to(device=device, dtype=dtype).contiguous(), shared=shared)
             self.layers.append(mods)
-        hk, d = cfg.num_kv_heads, cfg.head_dim
-        # B of the cached projections in the kernel's per-head layout [N, H_kv, r, D].
-        self.b_heads: list[dict[str, torch.Tensor]] = [
-            {t: mods[t].b.view(len(self.roles), hk, d, r).permute(0, 1, 3, 2).contiguous()
-             for t in ("k_proj", "v_proj") if t in mods} for mods in self.layers]
-        # The cached targets' A stacked ([m*r, in]) when every one is shared: L_k and L_v in one matmul.
-        cached = self.cached_targets()
-        self.lr_a_t = [torch.cat([mods[t].a for t in cached]).T.contiguous()
-                       if cached and self.shares_cached_a() else None for mods in self.layers]
+        self._derive()
         self.role_hash = {}
         for role in self.roles:
             h = hashlib.sha256(f"scaling={s!r}".encode())
@@ -110,6 +104,47 @@ class RoleAdapters:
         if fam is None:   # no shared A: the family is the whole bundle (all roles' tensors)
             fam = hashlib.sha256("".join(self.role_hash[r] for r in self.roles).encode()).hexdigest()
         self.family = fam
+
+    def _derive(self) -> None:
+        """Layouts made from the stacked tensors: per-head B of the cached projections and the fused shared A."""
+        cfg, r = self.cfg, self.rank
+        hk, d = cfg.num_kv_heads, cfg.head_dim
+        # B of the cached projections in the kernel's per-head layout [N, H_kv, r, D].
+        self.b_heads: list[dict[str, torch.Tensor]] = [
+            {t: mods[t].b.view(len(self.roles), hk, d, r).permute(0, 1, 3, 2).contiguous()
+             for t in ("k_proj", "v_proj") if t in mods} for mods in self.layers]
+        # The cached targets' A stacked ([m*r, in]) when every one is shared: L_k and L_v in one matmul.
+        cached = self.cached_targets()
+        self.lr_a_t = [torch.cat([mods[t].a for t in cached]).T.contiguous()
+                       if cached and self.shares_cached_a() else None for mods in self.layers]
+
+    def add_role(self, name: str, bundle: Bundle | None = None, source: str | None = None) -> int:
+        """Stack one more adapter: role ``source`` of ``bundle`` (whose base, shared A, modules, rank and scaling the
+        caller checked against this one), or a zero adapter (the base model itself) when ``bundle`` is None.
+        Returns its slot; the role becomes usable under ``name``."""
+        s = self.scaling
+        h = hashlib.sha256(f"scaling={s!r}".encode())
+        for li, mods in enumerate(self.layers):
+            for t, mod in mods.items():
+                module = self.by_layer[li].get(t)
+                fout, r = mod.b.shape[1], mod.b.shape[2]
+                if bundle is None or module is None:
+                    b = mod.b.new_zeros(1, fout, r)
+                    a = None if mod.shared else mod.a.new_zeros(1, *mod.a.shape[1:])
+                else:
+                    b = bundle.b(module, source).to(mod.b)[None]
+                    a = None if mod.shared else (bundle.a(module, source).float() * s).to(mod.a)[None]
+                    _tensor_digest(h, module + ".A", bundle.a(module, source))
+                    _tensor_digest(h, module + ".B", bundle.b(module, source))
+                mod.b = torch.cat([mod.b, b]).contiguous()
+                if a is not None:
+                    mod.a = torch.cat([mod.a, a]).contiguous()
+        slot = len(self.roles)
+        self.roles.append(name)
+        self.index[name] = slot
+        self.role_hash[name] = h.hexdigest() if bundle is not None else "zero-adapter"
+        self._derive()
+        return slot
 
     def cached_targets(self) -> list[str]:
         """The cached projections that carry LoRA (k_proj, v_proj), i.e. m = len(...)."""

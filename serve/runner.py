@@ -117,9 +117,16 @@ class ModelRunner:
         self.backend = make_backend(attention, self.device, head_dim=cfg.head_dim, rank=adapters.rank,
                                     n_kv=cfg.num_kv_heads, block_size=block_size, lowrank=lowrank, key_lora=key_lora)
         self.attention = self.backend.name
-        self.b_heads = [{f"b_{t[0]}": b[t] for t in adapters.cached_targets()} for b in adapters.b_heads]
         self.cos = self.sin = torch.empty(0, cfg.head_dim)
-        self._ensure_rope(1024)
+        self.refresh_adapters()
+
+    def refresh_adapters(self) -> None:
+        """Re-read the adapters' layouts (after a role was added) and hand them to the attention backend."""
+        self.b_heads = [{f"b_{t[0]}": b[t] for t in self.adapters.cached_targets()} for b in self.adapters.b_heads]
+        if self.cos.shape[0]:
+            self.backend.prepare(self.b_heads, self.cos_dt, self.sin_dt)
+        else:
+            self._ensure_rope(1024)
 
     def _ensure_rope(self, n: int) -> None:
         if self.cos.shape[0] < n:

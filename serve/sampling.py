@@ -18,7 +18,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()        # stop strings (the text is cut before them)
     ignore_eos: bool = False
     return_logits: bool = False
-
+    logprobs: int | None = None       # log-probabilities of each sampled token and of the top-N alternatives
     def __post_init__(self):
         """Check every field (types included: JSON gives true for 1 and 3.0 for 3); one ServeError line."""
         if isinstance(self.stop, str):
@@ -44,6 +44,9 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2 ** 63):
             raise ServeError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
+            raise ServeError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         for name in ("ignore_eos", "return_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise ServeError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -163,6 +163,11 @@ class Scheduler:
             li += 1
             if seq.params.return_logits:
                 seq.logits.append(row.detach().to("cpu").clone())
+            if seq.params.logprobs is not None:
+                lp = torch.log_softmax(row.float(), dim=-1)
+                top = torch.topk(lp, seq.params.logprobs) if seq.params.logprobs else None
+                seq.logprobs.append((float(lp[tok]), [] if top is None else
+                                     list(zip(top.indices.tolist(), top.values.tolist()))))
             seq.output_ids.append(tok)
             if seq.first_token_time is None:
                 seq.first_token_time = now()

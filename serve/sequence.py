@@ -28,6 +28,7 @@ class RequestStats:
     decode_tok_s: float            # generated tokens after the first / time after the first (0 if one token)
     latency_s: float
     preemptions: int = 0           # times the request was preempted (its blocks freed, recomputed later)
+    reused_from_other_roles: int = 0   # of reused_tokens, those another role computed
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -58,6 +59,7 @@ class RequestOutput:
     new_text: str
     finished: bool
     completion: Completion | None = None
+    new_logprobs: list = field(default_factory=list)     # per new token: (logprob, [(token id, logprob), ...])
 
 
 class Sequence:
@@ -67,8 +69,10 @@ class Sequence:
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
         self.role, self.role_idx, self.params = role, role_idx, params
+        self.adapter_hash = ""         # digest of the role's adapter at admission (per-role cache namespaces)
         self.num_computed = 0          # tokens whose K/V (and L) are in the cache
         self.reused: int | None = None # prompt tokens reused at the first admission
+        self.reused_cross = 0          # of those, tokens another role computed
         self.comps: list[CompState] = []
         self.published_prefill = False
         self.preemptions = 0
@@ -80,6 +84,7 @@ class Sequence:
         self.emitted_text = ""         # text handed out as deltas so far
         self.emitted_ids = 0           # output tokens handed out so far
         self.logits: list[torch.Tensor] = []
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []   # per token: (its logprob, top-N)
         self.generator = generator
         self.detok = None              # the engine's incremental detokenizer state
 
@@ -117,7 +122,7 @@ class Sequence:
         return RequestStats(prompt_tokens=len(self.prompt_ids), reused_tokens=reused,
                             prefilled_tokens=len(self.prompt_ids) - reused, generated_tokens=n,
                             ttft_s=first - self.arrival, decode_tok_s=decode, latency_s=end - self.arrival,
-                            preemptions=self.preemptions)
+                            preemptions=self.preemptions, reused_from_other_roles=self.reused_cross)
 
     def completion(self) -> Completion:
         logits = torch.stack(self.logits) if self.logits else None

@@ -202,13 +202,16 @@ def test_cache_keys_carry_base_fingerprint_family_and_adapter(bundles, base, tmp
     fp = base_fingerprint(base)
     fam = load_bundle(bundles["three"]).a_family_hash
     seq = Sequence(0, [1, 2], "actor", 1, GREEDY, None)
+
+    def key(eng):                                   # the namespace of an actor request admitted by ``eng``
+        seq.adapter_hash = eng.adapters.role_hash["actor"]
+        return eng.kv.components[0].namespace(seq)
     lr = Engine(bundles["three"], mode="lrshared")
-    assert lr.kv.components[0].namespace(seq) == ("kv", "lrshared", "role", fp, fam)
+    assert key(lr) == ("kv", "lrshared", "role", fp, fam)
     ns = Engine(bundles["three"], mode="nonshared")
-    key = ns.kv.components[0].namespace(seq)
-    assert key[:4] == ("kv", "nonshared", "role", fp) and key[5] == "actor"
+    assert key(ns) == ("kv", "nonshared", "role", fp, ns.adapters.family, "actor", ns.adapters.role_hash["actor"])
     # a re-exported adapter under the same role name gets another key: no stale reuse
     other = write_random_bundle(base, tmp_path / "other", roles=("planner", "actor", "reflector"), rank=8,
                                 targets=ALL, seed=99)
-    assert Engine(other, mode="nonshared").kv.components[0].namespace(seq) != key
-    assert Engine(other, mode="lrshared").kv.components[0].namespace(seq) != ("kv", "lrshared", "role", fp, fam)
+    assert key(Engine(other, mode="nonshared")) != key(ns)
+    assert key(Engine(other, mode="lrshared")) != key(lr)
