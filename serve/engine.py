@@ -172,12 +172,20 @@ class Engine:
     # -- requests -----------------------------------------------------------------------------------------------
     def add_request(self, prompt, role: str, params: SamplingParams | None = None, **sampling) -> int:
         """Queue one request (text or token ids) for ``role``; returns its id. Run it with :meth:`step`."""
-        params = params or SamplingParams(**sampling)
+        seq = self.make_request(prompt, role, params or SamplingParams(**sampling))
+        self.enqueue(seq)
+        return seq.id
+
+    def make_request(self, prompt, role: str, params: SamplingParams):
+        """A checked request, not yet queued (bad input raises ServeError here); needs no engine lock, so a server
+        can call it from its event loop while the engine steps."""
+        return self._sequence(prompt, role, params)
+
+    def enqueue(self, seq) -> None:
+        """Queue a request made by :meth:`make_request`."""
         with self._lock:
-            seq = self._sequence(prompt, role, params)
             self._seqs[seq.id] = seq
             self.scheduler.add(seq)
-            return seq.id
 
     def step(self) -> list[RequestOutput]:
         """One engine step (admit, one batched forward, sample): per request that advanced, its new tokens and

@@ -60,6 +60,8 @@ class EngineLoop:
     def __init__(self, engine, *, max_queue: int | None = None, on_output: Callable | None = None):
         self.engine, self.max_queue, self.on_output = engine, max_queue, on_output
         self._streams: dict[int, RequestStream] = {}
+        self._inbox: list = []                       # requests to hand to the engine before the next step
+        self._aborts: list[int] = []                 # requests to abort before the next step
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -89,14 +91,13 @@ class EngineLoop:
                     break
             time.sleep(0.01)
         with self._lock:
-            pending = list(self._streams)
-        for rid in pending:
-            self.abort(rid)
-        with self._lock:
             self._stopping = True
             self._wake.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=30)
+        with self._lock:
+            self._aborts = list(self._streams)
+        self._take_inbox()                           # the thread has stopped: abort what is left here
 
     # -- requests -----------------------------------------------------------------------------------------------
     def pending(self) -> int:
@@ -106,7 +107,9 @@ class EngineLoop:
 
     def submit(self, prompt, role: str, params: SamplingParams,
                asyncio_loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
-        """Queue a request; its stream. Bad input raises ServeError now; a full queue raises QueueFull."""
+        """Queue a request; its stream. Bad input raises ServeError now; a full queue raises QueueFull. Never waits
+        for an engine step (the loop thread hands the request to the engine between steps)."""
+        seq = self.engine.make_request(prompt, role, params)
         with self._lock:
             if self.error is not None:
                 raise EngineDead(self.error_text)
@@ -114,20 +117,33 @@ class EngineLoop:
                 raise QueueFull("the server is shutting down")
             if self.max_queue is not None and len(self._streams) >= self.max_queue:
                 raise QueueFull(f"{len(self._streams)} requests in flight (--max-queue {self.max_queue})")
-            rid = self.engine.add_request(prompt, role, params)
-            stream = self._streams[rid] = RequestStream(rid, role, asyncio_loop)
+            stream = self._streams[seq.id] = RequestStream(seq.id, role, asyncio_loop)
+            self._inbox.append(seq)
             self._wake.notify_all()
         return stream
 
     def abort(self, request_id: int) -> None:
-        """Abort a request (a client went away): its blocks are freed and its stream ends."""
+        """Abort a request (a client went away): between two steps its blocks are freed and its stream ends.
+        Never waits for an engine step."""
         with self._lock:
-            stream = self._streams.pop(request_id, None)
-        done = self.engine.abort(request_id)
-        if done is not None and stream is not None:
-            stream.put(RequestOutput(request_id, done.role, [], "", True, done))
+            if request_id in self._streams:
+                self._aborts.append(request_id)
+                self._wake.notify_all()
 
     # -- the loop -----------------------------------------------------------------------------------------------
+    def _take_inbox(self) -> None:
+        with self._lock:
+            new, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for seq in new:
+            self.engine.enqueue(seq)
+        for rid in aborts:
+            done = self.engine.abort(rid)
+            with self._lock:
+                stream = self._streams.pop(rid, None)
+            if stream is not None:
+                stream.put(RequestOutput(rid, stream.role, [], "", True, done))
+
     def _run(self) -> None:
         try:
             while True:
@@ -136,6 +152,7 @@ class EngineLoop:
                         self._wake.wait(timeout=0.5)
                     if self._stopping:
                         return
+                self._take_inbox()
                 outs = self.engine.step()
                 if not outs:
                     time.sleep(0.001)                 # nothing schedulable this step: do not spin hot

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 
@@ -18,6 +19,9 @@ def run_server(engine, *, host: str, port: int, api_key: str | None, max_queue: 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_s,
                             access_log=False)
     server = uvicorn.Server(config)
+    # uvicorn drains on SIGTERM, then re-raises the signal under the handler it found: make that one a no-op so a
+    # drained shutdown exits 0 (what service managers expect)
+    signal.signal(signal.SIGTERM, lambda *_: None)
     print(f"lragent serve: {len(engine.roles)} roles ({', '.join(engine.roles)}) + base model "
           f"{app.state.base_name!r}, mode {engine.mode}, on http://{host}:{port}/v1", file=sys.stderr, flush=True)
     server.run()

@@ -1,0 +1,6 @@
+"""``python -m lragent.cli ...`` == ``lragent ...``."""
+import sys
+
+from . import main
+
+sys.exit(main())
