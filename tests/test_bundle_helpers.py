@@ -87,7 +87,8 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
 
 
 def assert_one_line_error(err: str, pattern: str) -> None:
+    """stderr holds exactly one line, ``error: ...`` matching ``pattern`` (besides ``verifying: ...`` progress)."""
     import re
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [l for l in err.splitlines() if l.strip() and not l.startswith("verifying: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert re.search(pattern, lines[0]), lines[0]

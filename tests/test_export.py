@@ -140,6 +140,27 @@ def test_existing_out_and_peft_mismatch_write_nothing(run, exported, tmp_path, m
     for out, force in ((exported, ["--force"]), (tmp_path / "new", [])):
         rc, _, err = run_cli(["export", "--run", run[0], "--out", out, *force], capsys)
         assert rc == 2
-        assert_one_line_error(err, r"peft/planner does not reproduce the bundle's forward: max \|logit diff\|")
+        # caught by load's peft/ check (B not scaling * B) before PEFT's forward would show it
+        assert_one_line_error(err, r"peft/planner does not match the bundle's own tensors for 'planner'")
     assert tree(exported) == before and not (tmp_path / "new").exists()
     assert sorted(p.name for p in exported.parent.iterdir()) == ["bundle"] and list(tmp_path.iterdir()) == []
+
+
+def test_peft_forward_mismatch_writes_nothing(run, tmp_path, monkeypatch, capsys):
+    """The PEFT logit comparison itself (peft/ copies consistent with roles/, but a forward that differs)."""
+    from lragent.train import export
+
+    real = export.bundle_model
+
+    def off_by_scale(model, bundle):
+        model = real(model, bundle)
+        with torch.no_grad():
+            for p in (p for n, p in model.named_parameters() if "lora_B" in n):
+                p.mul_(2.0)
+        return model
+
+    monkeypatch.setattr(export, "bundle_model", off_by_scale)
+    rc, _, err = run_cli(["export", "--run", run[0], "--out", tmp_path / "b"], capsys)
+    assert rc == 2
+    assert_one_line_error(err, r"peft/planner does not reproduce the bundle's forward: max \|logit diff\|")
+    assert list(tmp_path.iterdir()) == []

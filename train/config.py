@@ -5,6 +5,7 @@ Every problem is collected and reported at once (:class:`ConfigError`), one per 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ import yaml
 
 
 class ConfigError(ValueError):
-    pass
+    """The training config is invalid; the message lists every problem, one per line."""
 
 
 @dataclass
@@ -107,6 +108,8 @@ def _coerce(value: Any, typ: Any, key: str, errors: list[str]) -> Any:
             return None
         return _coerce(value, inner, key, errors)
     try:
+        if isinstance(value, (dict, list, tuple, set)):
+            raise TypeError
         if typ is bool:
             if isinstance(value, str):
                 if value.lower() in ("true", "1", "yes"):
@@ -114,11 +117,17 @@ def _coerce(value: Any, typ: Any, key: str, errors: list[str]) -> Any:
                 if value.lower() in ("false", "0", "no"):
                     return False
                 raise ValueError
-            return bool(value)
+            if isinstance(value, bool) or value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if typ in (int, float) and isinstance(value, bool):
+            raise TypeError
+        if typ is str and isinstance(value, bool):
+            raise TypeError
         if typ is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return typ(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         errors.append(f"{key}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
         return value
 
@@ -141,16 +150,24 @@ def _fill(obj: Any, data: dict, prefix: str, errors: list[str]) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
+    """``["a.b=1", ...]`` -> ``{"a": {"b": 1}}`` (values parsed as YAML scalars); ConfigError for a malformed item."""
     tree: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-3)")
         key, raw = item.split("=", 1)
-        node = tree
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: the key {key!r} is not a dotted name like train.lr")
+        node = tree
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {p!r}")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     return tree
 
 
@@ -162,9 +179,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+            raise ConfigError(f"{p} is not valid YAML: {' '.join(str(e).split())}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p} is not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p} ({e.strerror})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
         _fill(cfg, data, "", errors)
@@ -176,12 +197,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate(cfg: Config) -> list[str]:
+    """Every problem of a filled config, one message each (empty: valid). Checks choices, ranges (positive sizes,
+    finite rates, a 32-bit seed), role names and that share_a / anchor_role refer to what exists."""
     e = []
-    t, lo = cfg.train, cfg.lora
+    t, lo, d = cfg.train, cfg.lora, cfg.data
 
     def choice(name, value, allowed):
         if value not in allowed:
             e.append(f"{name}: {value!r} is not one of {list(allowed)}")
+
+    def num(name, v, lo_=None, hi=None, lo_open=False, hi_open=False):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return                                   # a type error was already reported by _coerce
+        if not math.isfinite(v):
+            e.append(f"{name}: must be a finite number, got {v}")
+        elif lo_ is not None and (v <= lo_ if lo_open else v < lo_):
+            e.append(f"{name}: must be {'>' if lo_open else '>='} {lo_}, got {v}")
+        elif hi is not None and (v >= hi if hi_open else v > hi):
+            e.append(f"{name}: must be {'<' if hi_open else '<='} {hi}, got {v}")
 
     choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
     choice("lora.init", lo.init, ("kaiming", "svd"))
@@ -190,24 +223,42 @@ def validate(cfg: Config) -> list[str]:
     choice("train.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
     choice("wandb.mode", cfg.wandb.mode, ("disabled", "offline", "online"))
     for name, v in (("lora.rank", lo.rank), ("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
-                    ("train.grad_accum", t.grad_accum), ("data.max_length", cfg.data.max_length)):
-        if isinstance(v, int) and v < 1:
-            e.append(f"{name}: must be >= 1, got {v}")
-    if isinstance(t.lr, float) and t.lr <= 0:
-        e.append(f"train.lr: must be > 0, got {t.lr}")
-    if isinstance(lo.dropout, float) and not 0 <= lo.dropout < 1:
-        e.append(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+                    ("train.grad_accum", t.grad_accum), ("data.max_length", d.max_length),
+                    ("train.log_every", t.log_every), ("train.eval_batch_size", t.eval_batch_size),
+                    ("data.embedded_train_size", d.embedded_train_size),
+                    ("data.embedded_eval_size", d.embedded_eval_size)):
+        num(name, v, 1)
+    for name, v in (("train.save_every", t.save_every), ("train.warmup_steps", t.warmup_steps),
+                    ("train.eval_max_examples", t.eval_max_examples), ("train.weight_decay", t.weight_decay),
+                    ("train.max_grad_norm", t.max_grad_norm)):
+        num(name, v, 0)
+    num("train.seed", t.seed, 0, 2 ** 32 - 1)
+    num("train.lr", t.lr, 0, lo_open=True)
+    num("train.loraplus_ratio", t.loraplus_ratio, 0, lo_open=True)
+    num("lora.alpha", lo.alpha, 0, lo_open=True)
+    num("lora.dropout", lo.dropout, 0, 1, hi_open=True)
+    num("train.anchor_fraction", t.anchor_fraction, 0, 1, lo_open=True, hi_open=True)
+    if isinstance(lo.targets, list) and not lo.targets:
+        e.append("lora.targets: give at least one module name (e.g. q_proj,v_proj)")
     if isinstance(lo.share_a, list) and isinstance(lo.targets, list):
         bad = [s for s in lo.share_a if s not in lo.targets]
         if bad:
             e.append(f"lora.share_a: {bad} are not in lora.targets {lo.targets}")
-    if cfg.data.roles is not None:
-        from lragent.bundle import BundleError, validate_role_name
-        for r in cfg.data.roles:
-            try:
-                validate_role_name(r)
-            except BundleError as err:
-                e.append(f"data.roles: {err}")
-    if t.scheme == "sequential" and not 0 < t.anchor_fraction < 1:
-        e.append(f"train.anchor_fraction: must be in (0, 1), got {t.anchor_fraction}")
+    from lragent.bundle import BundleError, validate_role_name
+    roles = d.roles if isinstance(d.roles, list) else None
+    for r in roles or []:
+        try:
+            validate_role_name(r)
+        except BundleError as err:
+            e.append(f"data.roles: {err}")
+    if t.anchor_role is not None:
+        try:
+            validate_role_name(t.anchor_role)
+        except BundleError as err:
+            e.append(f"train.anchor_role: {err}")
+        else:
+            if roles is not None and t.anchor_role not in roles:
+                e.append(f"train.anchor_role: {t.anchor_role!r} is not one of data.roles {roles}")
+    if not isinstance(cfg.output_dir, str) or not cfg.output_dir.strip():
+        e.append("output_dir: give a directory path")
     return e

@@ -17,7 +17,7 @@ IGNORE = -100
 
 
 class DataError(ValueError):
-    pass
+    """Invalid training data; the message starts with ``file:line`` where a record is at fault."""
 
 
 def read_records(path: str | Path, roles: list[str] | None = None) -> list[dict]:
@@ -26,15 +26,26 @@ def read_records(path: str | Path, roles: list[str] | None = None) -> list[dict]
     if not p.is_file():
         raise DataError(f"{p}: data file does not exist")
     out = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    try:
+        f = open(p, "rb")
+    except OSError as e:
+        raise DataError(f"{p}: cannot read the data file ({e.strerror})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{p}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8") \
+                    from None
             if not line.strip():
                 continue
-            where = f"{p}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{where}: a record must be a JSON object")
             out.append(_check_record(rec, where, roles))
@@ -74,6 +85,7 @@ def _check_record(rec: dict, where: str, roles: list[str] | None) -> dict:
 
 
 def infer_roles(records: list[dict]) -> list[str]:
+    """The roles of ``records`` in order of first appearance."""
     seen: list[str] = []
     for r in records:
         if r["role"] not in seen:
@@ -113,11 +125,21 @@ def tokenize_record(rec: dict, tokenizer, role_index: dict[str, int], max_length
     return {"input_ids": ids, "labels": labels, "role_id": role_index[rec["role"]]}
 
 
-def build_dataset(records: list[dict], tokenizer, roles: list[str], max_length: int):
+def build_dataset(records: list[dict], tokenizer, roles: list[str], max_length: int, where: str | Path = "data"):
+    """Tokenize validated records into a ``datasets.Dataset`` (input_ids, labels, role_id); DataError naming the
+    record (``where``: the file, for the message) when one cannot be tokenized."""
     import datasets
 
     index = {r: i for i, r in enumerate(roles)}
-    rows = [tokenize_record(r, tokenizer, index, max_length) for r in records]
+    rows = []
+    for i, r in enumerate(records):
+        try:
+            rows.append(tokenize_record(r, tokenizer, index, max_length))
+        except DataError as e:
+            raise DataError(f"{where}: record {i + 1}: {e}") from None
+        except (ValueError, TypeError, KeyError) as e:   # e.g. a tokenizer without a chat template
+            raise DataError(f"{where}: record {i + 1}: cannot tokenize it ({' '.join(str(e).split())[:160]})") \
+                from None
     return datasets.Dataset.from_list(rows)
 
 

@@ -16,29 +16,53 @@ from pathlib import Path
 
 import torch
 
-from lragent.bundle import (Bundle, BundleError, base_fingerprint, load_bundle, target_of, validate_role_name,
+from lragent.bundle import (Bundle, BundleError, base_info, check_base, load_bundle, target_of, validate_role_name,
                             write_bundle)
 
 PROBE_SHAPE = (2, 16)
 
 
 def read_run(run_dir: str | Path) -> dict:
+    """run.json of a training run, checked for the fields export needs; BundleError (one line) otherwise."""
     run = Path(run_dir)
     path = run / "run.json"
     if not path.is_file():
         raise BundleError(f"{run} has no run.json: pass a run directory written by 'lragent train'")
     try:
-        meta = json.loads(path.read_text())
-        lora = meta["lora"]
-        for key in ("rank", "alpha", "targets", "share_a"):
-            lora[key]
-        if not (isinstance(meta["roles"], list) and isinstance(meta["modules"], list) and meta["modules"]):
-            raise TypeError("'roles' and 'modules' must be non-empty lists")
-    except (ValueError, KeyError, TypeError) as e:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+        _check_run_types(meta)
+    except (ValueError, KeyError, TypeError, OSError) as e:
         raise BundleError(f"{path} is not a valid run description ({type(e).__name__}: {e})") from None
     for role in meta["roles"]:
         validate_role_name(role)
     return meta
+
+
+def _check_run_types(meta) -> None:
+    """TypeError/KeyError unless run.json has the fields export reads, with their JSON types."""
+    def str_list(v, name, nonempty=False):
+        if not (isinstance(v, list) and all(isinstance(x, str) for x in v)) or (nonempty and not v):
+            raise TypeError(f"{name!r} must be a {'non-empty ' if nonempty else ''}list of strings")
+
+    if not isinstance(meta, dict):
+        raise TypeError("the top level must be an object")
+    lora = meta["lora"]
+    if not isinstance(lora, dict):
+        raise TypeError("'lora' must be an object")
+    str_list(meta["roles"], "roles", True)
+    str_list(meta["modules"], "modules", True)
+    str_list(lora["targets"], "lora.targets")
+    str_list(lora["share_a"], "lora.share_a")
+    if not isinstance(lora["rank"], int) or isinstance(lora["rank"], bool):
+        raise TypeError(f"lora.rank must be an integer, got {lora['rank']!r}")
+    if isinstance(lora["alpha"], bool) or not isinstance(lora["alpha"], (int, float)):
+        raise TypeError(f"lora.alpha must be a number, got {lora['alpha']!r}")
+    if not isinstance(lora.get("rslora", False), bool):
+        raise TypeError("lora.rslora must be true or false")
+    base = meta.get("base", {})
+    if not isinstance(base, dict) or not all(isinstance(base.get(k), (str, type(None)))
+                                             for k in ("name", "path", "config_sha256", "weights_fingerprint")):
+        raise TypeError("'base' must be an object of strings")
 
 
 def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
@@ -68,13 +92,17 @@ def bundle_from_run(run_dir: str | Path, checkpoint: int | None = None, base_dir
     meta = read_run(run)
     ckpt = find_checkpoint(run, checkpoint)
     lora, roles, modules = meta["lora"], list(meta["roles"]), sorted(meta["modules"])
-    base = Path(base_dir or meta.get("base", {}).get("path") or "").absolute()
-    got = base_fingerprint(base)
-    want = meta.get("base", {}).get("config_sha256")
-    if want != got:
-        raise BundleError(f"base model {base} does not match the run (config.json sha256 {got[:12]} != "
-                          f"{str(want)[:12]}): pass --base with the model the run was trained on")
-    tensors = load_file(str(ckpt / "adapter.safetensors"))
+    recorded = meta.get("base") or {}
+    base = Path(base_dir or recorded.get("path") or "").absolute()
+    if not recorded.get("config_sha256"):
+        raise BundleError(f"{run}/run.json records no base model fingerprint: it is not a run lragent train wrote")
+    check_base(recorded, base, against="the run")
+    info = base_info(base, name=recorded.get("name") or base.name)   # also refuses damaged / truncated weights
+    try:
+        tensors = load_file(str(ckpt / "adapter.safetensors"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise BundleError(f"{ckpt}/adapter.safetensors is not a readable safetensors file "
+                          f"({' '.join(str(e).split())[:120]})") from None
     share = set(lora["share_a"])
     shared_a, role_a, role_b = {}, {r: {} for r in roles}, {r: {} for r in roles}
     expected = set()
@@ -96,7 +124,7 @@ def bundle_from_run(run_dir: str | Path, checkpoint: int | None = None, base_dir
         roles=roles, rank=int(lora["rank"]), alpha=float(lora["alpha"]), targets=list(lora["targets"]),
         share_a=list(lora["share_a"]), shared_a=shared_a, role_a=role_a, role_b=role_b,
         scaling_rule="rslora" if lora.get("rslora") else "standard",
-        base={"name": meta.get("base", {}).get("name") or base.name, "path": str(base), "config_sha256": got},
+        base=info,
         source={"kind": "lragent-train", "run": str(run), "checkpoint": ckpt.name, "dtype": meta.get("dtype"),
                 "scheme": meta.get("scheme"),
                 "lora": {k: lora[k] for k in ("dropout", "init") if k in lora}})
@@ -108,8 +136,12 @@ def bundle_from_run(run_dir: str | Path, checkpoint: int | None = None, base_dir
 
 def _load_base(base_dir: Path, device: str):
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    return model.to(device).eval()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        return model.to(device).eval()
+    except Exception as e:  # noqa: BLE001 - transformers / torch raise many types for a broken model or device
+        raise BundleError(f"cannot load base model {base_dir} on {device} for the PEFT verification "
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
 
 
 def bundle_model(model, bundle: Bundle):
@@ -177,12 +209,17 @@ def verify_peft(bundle_dir: str | Path, base_dir: str | Path, *, tol: float = 1e
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: int | None = None, force: bool = False,
-               base_dir: str | Path | None = None, device: str = "cpu", tol: float = 1e-5) -> tuple[Path, dict]:
-    """Export a run's checkpoint as a bundle (atomic, PEFT-verified). Returns (bundle path, {role: logit error})."""
+               base_dir: str | Path | None = None, device: str = "cpu", tol: float = 1e-5,
+               progress=None) -> tuple[Path, dict]:
+    """Export a run's checkpoint as a bundle (atomic, PEFT-verified). Returns (bundle path, {role: logit error}).
+    ``progress(text)``, if given, is told what is being checked before the (slow) verification starts."""
     bundle = bundle_from_run(run_dir, checkpoint, base_dir)
     errors: dict[str, float] = {}
 
     def verify(tmp: Path) -> None:
+        if progress is not None:
+            progress(f"verifying: loading each peft/<role> ({', '.join(bundle.roles)}) with PEFT on the base model "
+                     f"and comparing its logits with the bundle's forward ...")
         errors.update(verify_peft(tmp, bundle.base["path"], tol=tol, device=device))
 
     out = write_bundle(bundle, out_dir, force=force, verify=verify)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lragent.bundle import CACHED_TARGETS, Bundle, BundleError, base_fingerprint, target_of, validate_role_name
+from lragent.bundle import CACHED_TARGETS, Bundle, BundleError, base_info, target_of, validate_role_name
 
 PREFIX = "base_model.model."
 ZERO_TOL = 1e-10          # singular values below ZERO_TOL * max are numerically-zero directions
@@ -59,9 +59,14 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
                                 "safe_serialization=True")
         raise _refuse(path, "no adapter_model.safetensors")
     try:
-        cfg = json.loads(cfg_path.read_text())
-        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    except (ValueError, KeyError, TypeError) as e:
+        cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+        r, alpha = cfg["r"], cfg["lora_alpha"]
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {alpha!r}")
+        alpha = float(alpha)
+    except (ValueError, KeyError, TypeError, OSError) as e:
         raise _refuse(path, f"adapter_config.json is unreadable or lacks r/lora_alpha ({e})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise _refuse(path, f"peft_type {cfg.get('peft_type')!r} is not LORA")
@@ -100,6 +105,11 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
             raise _refuse(path, f"module {m} has only one of lora_A/lora_B")
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
             raise _refuse(path, f"module {m}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not have rank r={r}")
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise _refuse(path, f"module {m}: lora_A/lora_B are not floating-point tensors")
+        if not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise _refuse(path, f"module {m}: lora_A/lora_B hold non-finite values (NaN or inf): the adapter is "
+                                f"broken (diverged training?)")
         modules[m] = (a, b)
     if not modules:
         raise _refuse(path, "holds no LoRA tensors")
@@ -107,6 +117,7 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
 
 
 def parse_share(spec: str) -> tuple[str, int | None]:
+    """``--share-a``: "exact" | "none" -> (mode, None); "rank=R" -> ("rank", R)."""
     if spec in ("exact", "none"):
         return spec, None
     if spec.startswith("rank="):
@@ -122,9 +133,13 @@ def parse_share(spec: str) -> tuple[str, int | None]:
 def linear_shapes(base_dir: str | Path) -> dict[str, tuple[int, int]]:
     """{module path: (in, out)} of the base model's nn.Linear layers inside decoder layers (built on 'meta')."""
     import transformers
-    cfg = transformers.AutoConfig.from_pretrained(str(base_dir))
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(base_dir))
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken config
+        raise BundleError(f"base model {base_dir}: config.json cannot be used ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:160]})") from None
     return {n: (m.in_features, m.out_features) for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and ".layers." in n}
 
@@ -208,6 +223,7 @@ def _report(bundle: Bundle, adapters: dict[str, PeftAdapter], how: dict, mode: s
     """Per role: max |dW' - dW| (absolute, and relative to max |dW|) over the modules meant to be exact (all but
     lossy rank=R ones), and ||dW' - dW||_F / ||dW||_F over the shared-A modules; float64, one module at a time."""
     acc = {r: [0.0, 0.0, 0.0, 0.0] for r in bundle.roles}          # max err, max |dW|, sum err^2, sum |dW|^2
+    n_exact = sum(1 for m in bundle.modules if how.get(m, ("",))[0] != "lossy")
     for m in bundle.modules:
         for r, ad in adapters.items():
             got = bundle.b(m, r).double() @ bundle.a(m, r).double() * bundle.scaling
@@ -225,15 +241,17 @@ def _report(bundle: Bundle, adapters: dict[str, PeftAdapter], how: dict, mode: s
     return {"share_a": mode if rank is None else f"rank={rank}", "rank": bundle.rank, "targets": bundle.targets,
             "shared_targets": {t: "+".join(k) for t, k in kinds.items()},
             "shared_rank": {t: max(k for m, (_, k) in how.items() if target_of(m) == t) for t in bundle.share_a},
-            "lrshared_ok": bundle.lrshared_ok, "roles": roles}
+            "lrshared_ok": bundle.lrshared_ok, "roles": roles, "exact_modules": n_exact,
+            "shared_modules": len(how)}
 
 
 def import_peft(base_dir: str | Path, role_dirs: dict[str, str | Path], out_dir: str | Path, *,
-                share: str = "exact", force: bool = False, device: str = "cpu", tol: float = 1e-5
-                ) -> tuple[Path, dict]:
+                share: str = "exact", force: bool = False, device: str = "cpu", tol: float = 1e-5,
+                progress=None) -> tuple[Path, dict]:
     """Bundle PEFT adapters ``{role: dir}`` for ``base_dir``; written atomically after the exact parts are checked
     (relative max error <= EXACT_TOL) and every ``peft/<role>`` export is verified against the bundle's forward.
-    Returns (bundle path, report)."""
+    The base is fingerprinted (config and weights; a damaged or truncated weight file is refused). ``progress(text)``,
+    if given, is told what is being checked before the verification. Returns (bundle path, report)."""
     from lragent.bundle import write_bundle
     from lragent.train.export import verify_peft
 
@@ -243,19 +261,25 @@ def import_peft(base_dir: str | Path, role_dirs: dict[str, str | Path], out_dir:
         validate_role_name(role)
     mode, rank = parse_share(share)
     base = Path(base_dir).absolute()
-    fingerprint = base_fingerprint(base)
+    info = base_info(base)
     adapters = {role: read_peft_adapter(d) for role, d in role_dirs.items()}
     bundle, report = combine(adapters, linear_shapes(base), mode, rank)
     for role, rep in report["roles"].items():
         if not rep["rel_max_err"] <= EXACT_TOL:
             raise BundleError(f"role {role}: rewritten adapter does not reproduce delta-W (relative max error "
                               f"{rep['rel_max_err']:.3g} > {EXACT_TOL:g}); nothing was written")
-    bundle.base = {"name": base.name, "path": str(base), "config_sha256": fingerprint}
+    bundle.base = info
     bundle.source = {"kind": "import-peft", "share_a": report["share_a"], "report": report,
                      "adapters": {r: {"path": str(Path(ad.path).absolute()), "r": ad.r, "scaling": ad.scaling}
                                   for r, ad in adapters.items()}}
     errors: dict[str, float] = {}
-    out = write_bundle(bundle, out_dir, force=force,
-                       verify=lambda tmp: errors.update(verify_peft(tmp, base, tol=tol, device=device)))
+
+    def verify(tmp: Path) -> None:
+        if progress is not None:
+            progress(f"verifying: loading each peft/<role> ({', '.join(bundle.roles)}) with PEFT on the base model "
+                     f"and comparing its logits with the bundle's forward ...")
+        errors.update(verify_peft(tmp, base, tol=tol, device=device))
+
+    out = write_bundle(bundle, out_dir, force=force, verify=verify)
     report["peft_logit_err"] = errors
     return out, report

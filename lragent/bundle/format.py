@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
+from lragent.modes import MODES, modes_for  # noqa: F401  (MODES re-exported)
+
 FORMAT_NAME = "lragent-bundle"
 FORMAT_VERSION = 1
 CACHED_TARGETS = ("k_proj", "v_proj")
-MODES = ("nonshared", "fullshared", "baseshared", "lrshared")
 ROLE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # Names that appear as segments of Llama-family module paths (or PEFT's own): a role (= PEFT adapter name) equal to
 # one of them silently corrupts PEFT exports, so they are refused.
@@ -23,6 +24,8 @@ RESERVED_ROLE_NAMES = frozenset({
 })
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")
 ALLOWED_SUFFIXES = (".safetensors", ".json")
+MAX_ROLE_LEN = 64
+TENSOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class BundleError(ValueError):
@@ -30,6 +33,11 @@ class BundleError(ValueError):
 
 
 def validate_role_name(role: str) -> str:
+    """Return ``role`` if it is a valid role name (``^[a-z][a-z0-9_]*$``, at most 64 characters, not a module-path
+    segment); raise BundleError otherwise."""
+    if isinstance(role, str) and len(role) > MAX_ROLE_LEN:
+        raise BundleError(f"invalid role name {role[:20]!r}... ({len(role)} characters): role names have at most "
+                          f"{MAX_ROLE_LEN} characters")
     if not isinstance(role, str) or not ROLE_RE.match(role):
         raise BundleError(f"invalid role name {role!r}: use lowercase letters, digits and '_' (^[a-z][a-z0-9_]*$)")
     if role in RESERVED_ROLE_NAMES:
@@ -43,6 +51,7 @@ def target_of(module: str) -> str:
 
 
 def layer_of(module: str) -> int:
+    """The decoder layer index of a module path (``model.layers.3.self_attn.v_proj`` -> 3)."""
     m = re.search(r"\.layers\.(\d+)\.", module)
     if not m:
         raise BundleError(f"module {module!r} is not inside a decoder layer ('.layers.N.')")
@@ -50,6 +59,7 @@ def layer_of(module: str) -> int:
 
 
 def lora_scaling(rank: int, alpha: float, rule: str = "standard") -> float:
+    """The LoRA scaling s: alpha / rank ("standard") or alpha / sqrt(rank) ("rslora")."""
     if rule == "standard":
         return alpha / rank
     if rule == "rslora":
@@ -58,6 +68,7 @@ def lora_scaling(rank: int, alpha: float, rule: str = "standard") -> float:
 
 
 def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -92,19 +103,24 @@ class Bundle:
 
     @property
     def scaling(self) -> float:
+        """The LoRA scaling s of this bundle's rank, alpha and rule."""
         return lora_scaling(self.rank, self.alpha, self.scaling_rule)
 
     @property
     def modules(self) -> list[str]:
+        """Sorted module paths carrying LoRA."""
         return sorted(self.role_b[self.roles[0]])
 
     def shares_a(self, module_or_target: str) -> bool:
+        """True when the module's (or target's) A is shared by all roles."""
         return target_of(module_or_target) in self.share_a
 
     def a(self, module: str, role: str) -> torch.Tensor:
+        """A [r, in] that ``role`` uses on ``module`` (the shared one on share_a targets)."""
         return self.shared_a[module] if self.shares_a(module) else self.role_a[role][module]
 
     def b(self, module: str, role: str) -> torch.Tensor:
+        """B [out, r] of ``role`` on ``module`` (unscaled)."""
         return self.role_b[role][module]
 
     @property
@@ -116,7 +132,7 @@ class Bundle:
     @property
     def modes(self) -> list[str]:
         """Serving modes this bundle supports: lrshared needs shared A on every cached target."""
-        return [m for m in MODES if m != "lrshared" or self.lrshared_ok]
+        return modes_for(self.lrshared_ok)
 
     @property
     def a_family_hash(self) -> str | None:
@@ -132,6 +148,7 @@ class Bundle:
         return h.hexdigest()
 
     def delta_weight(self, module: str, role: str) -> torch.Tensor:
+        """scaling * B @ A of ``role`` on ``module``, float32."""
         return self.scaling * (self.b(module, role).float() @ self.a(module, role).float())
 
     def validate(self) -> None:
@@ -143,8 +160,11 @@ class Bundle:
             raise BundleError(f"duplicate role names in {self.roles}")
         for role in self.roles:
             validate_role_name(role)
-        if not (isinstance(self.rank, int) and self.rank >= 1):
+        if not (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1):
             raise BundleError(f"lora rank must be a positive integer, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or \
+                not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise BundleError(f"lora alpha must be a finite number > 0, got {self.alpha!r}")
         bad = [t for t in self.share_a if t not in self.targets]
         if bad:
             raise BundleError(f"share_a targets {bad} are not LoRA targets {self.targets}")
@@ -181,3 +201,19 @@ class Bundle:
                 dims.add((a.shape[1], b.shape[0]))
             if len(dims) != 1:
                 raise BundleError(f"{module}: roles disagree on the [in, out] shape of the module: {sorted(dims)}")
+        self._validate_values()
+
+    def _validate_values(self) -> None:
+        """One dtype for every tensor, and every value finite."""
+        named = [(f"shared A of {m}", t) for m, t in self.shared_a.items()]
+        named += [(f"lora_A of role {r!r} on {m}", t) for r, d in self.role_a.items() for m, t in d.items()]
+        named += [(f"lora_B of role {r!r} on {m}", t) for r, d in self.role_b.items() for m, t in d.items()]
+        dtypes = {t.dtype for _, t in named}
+        if len(dtypes) > 1 or not dtypes <= set(TENSOR_DTYPES):
+            odd = sorted(str(d).replace("torch.", "") for d in dtypes)
+            raise BundleError(f"adapter tensors must all have one floating dtype (float32, float16, bfloat16 or "
+                              f"float64), found {odd}: re-export the bundle")
+        for what, t in named:
+            if not bool(torch.isfinite(t).all()):
+                raise BundleError(f"{what} holds non-finite values (NaN or inf): the adapter is broken "
+                                  f"(diverged training?); re-train or re-export it")

@@ -1,39 +1,114 @@
-"""Loading bundles with full validation: every problem is one BundleError line; nothing is unpickled."""
+"""Loading bundles with full validation: every problem is one BundleError line; nothing is unpickled.
+
+The bundle directory is opened once; every file is read through that handle (``openat`` with ``O_NOFOLLOW``, so no
+symbolic link inside the bundle is followed), and each file is read exactly once: its sha256 and its tensors come
+from the same bytes. A concurrent ``--force`` replacement (an atomic exchange of directories) therefore shows the
+old bundle or the new one, never a mix; if the old one is deleted under the reader, the load is retried once on the
+new one, and a second failure says "replaced while reading" rather than "corrupted".
+"""
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
-import math
 import os
+import stat
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
-from .format import (ALLOWED_SUFFIXES, FORMAT_NAME, FORMAT_VERSION, PICKLE_SUFFIXES, base_fingerprint, Bundle,
-                     BundleError, sha256_file, validate_role_name)
+from .basefp import check_base
+from .fields import parse_manifest
+from .fsutil import MARKER
+from .format import ALLOWED_SUFFIXES, PICKLE_SUFFIXES, Bundle, BundleError, validate_role_name
+from .peftcheck import check_peft_copies
 
 
-def _resolve_inside(root: Path, rel: str) -> Path:
-    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+class BundleDir:
+    """A bundle directory opened once (``O_DIRECTORY``); files are read relative to it, never through a link."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        try:
+            self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            raise BundleError(f"bundle {root} is not a directory: pass the directory written by 'lragent export'") \
+                from None
+
+    def close(self) -> None:
+        """Release the directory handle."""
+        os.close(self.fd)
+
+    def replaced(self) -> bool:
+        """True when the path no longer names the directory that was opened (or it was deleted)."""
+        try:
+            st, fst = os.stat(self.root), os.fstat(self.fd)
+        except OSError:
+            return True
+        return (st.st_ino, st.st_dev) != (fst.st_ino, fst.st_dev) or fst.st_nlink == 0
+
+    def read(self, rel: str) -> bytes:
+        """The bytes of the regular file ``rel`` inside the bundle; BundleError for a link or a non-file."""
+        parts, fds = rel.split("/"), []
+        try:
+            fd = self.fd
+            for i, p in enumerate(parts):
+                last = i == len(parts) - 1
+                flags = os.O_RDONLY | os.O_NOFOLLOW | (0 if last else os.O_DIRECTORY)
+                try:
+                    fd = os.open(p, flags, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
+                        raise BundleError(f"{self.root}/{rel} is a symbolic link or not a plain file: bundles hold "
+                                          f"plain files only (a link may point out of the bundle); re-export it") \
+                            from None
+                    raise
+                fds.append(fd)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BundleError(f"{self.root}/{rel} is not a plain file: re-export the bundle")
+            chunks = []
+            while chunk := os.read(fd, 1 << 24):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def walk(self) -> tuple[set[str], dict[str, str]]:
+        """(relative paths of the files on disk, {relative path of a symbolic link: its target}). The writer's marker
+        of a bundle still being written (:data:`fsutil.MARKER`, present while ``verify`` runs) is not a file of it."""
+        files, links = set(), {}
+        for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=self.fd):   # does not follow links
+            rel = Path(dirpath)
+            for n in filenames + dirnames:
+                st = os.stat(n, dir_fd=dirfd, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    links[(rel / n).as_posix()] = os.readlink(n, dir_fd=dirfd)
+                elif not stat.S_ISDIR(st.st_mode):
+                    files.add((rel / n).as_posix())
+        return files - {"manifest.json", MARKER}, links
+
+
+def _check_rel(root: Path, rel) -> None:
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts or \
+            rel.startswith("./") or "//" in rel:
         raise BundleError(f"manifest path {rel!r} escapes the bundle directory {root}: paths must be relative, no '..'")
-    full = (root / rel).resolve()
-    if root.resolve() not in full.parents:
-        raise BundleError(f"manifest path {rel!r} escapes the bundle directory {root} (through a link)")
-    return full
 
 
-def read_manifest(bundle_dir: str | Path) -> dict:
-    root = Path(bundle_dir)
-    if not root.is_dir():
-        raise BundleError(f"bundle {root} is not a directory: pass the directory written by 'lragent export'")
+def _manifest_from(d: BundleDir) -> dict:
+    root = d.root
     path = root / "manifest.json"
-    if not path.is_file():
-        raise BundleError(f"bundle {root} has no manifest.json: it is not an lragent bundle (or was half-written)")
     try:
-        manifest = json.loads(path.read_text())
+        raw = d.read("manifest.json")
+    except FileNotFoundError:
+        raise BundleError(f"bundle {root} has no manifest.json: it is not an lragent bundle (or was half-written)") \
+            from None
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    from .format import FORMAT_NAME, FORMAT_VERSION
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise BundleError(f"{path}: format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
                           f"expected {FORMAT_NAME!r}")
@@ -43,21 +118,27 @@ def read_manifest(bundle_dir: str | Path) -> dict:
     return manifest
 
 
-def _files_on_disk(root: Path) -> set[str]:
-    out = set()
-    for dirpath, dirnames, filenames in os.walk(root):           # does not follow links to directories
-        rel = Path(dirpath).relative_to(root)
-        out.update((rel / n).as_posix() for n in filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()])
-    return out - {"manifest.json"}
+def read_manifest(bundle_dir: str | Path) -> dict:
+    """The parsed ``manifest.json`` of a bundle (format and version checked; a link is refused)."""
+    d = BundleDir(Path(bundle_dir).absolute())
+    try:
+        return _manifest_from(d)
+    except OSError as e:
+        raise BundleError(f"cannot read {d.root}/manifest.json ({e.strerror})") from None
+    finally:
+        d.close()
 
 
-def _check_files(root: Path, manifest: dict, roles: list[str], share_a: list) -> dict[str, str]:
-    files = manifest["files"]
-    if not isinstance(files, dict):
-        raise BundleError(f"{root}/manifest.json: 'files' must map relative paths to sha256 digests")
-    for rel in list(files) + [v for v in (manifest.get("peft") or {}).values()]:
-        _resolve_inside(root, rel)
-    on_disk = _files_on_disk(root)
+def _check_files(d: BundleDir, files: dict, peft: dict, roles: list[str], share_a: list) -> None:
+    root = d.root
+    for rel in list(files) + list(peft.values()):
+        _check_rel(root, rel)
+    on_disk, links = d.walk()
+    for rel, target in sorted(links.items()):
+        full = (root / rel).parent / target
+        inside = root.resolve() in Path(os.path.realpath(full)).parents
+        raise BundleError(f"manifest path {rel!r} escapes the bundle directory {root} (through a link)" if not inside
+                          else f"{root}/{rel} is a symbolic link: bundles hold plain files only; re-export the bundle")
     for rel in sorted(on_disk | set(files)):
         if rel.endswith(PICKLE_SUFFIXES) or not rel.endswith(ALLOWED_SUFFIXES):
             raise BundleError(f"{root}/{rel} is not a safetensors or JSON file; bundles hold safetensors weights only "
@@ -74,90 +155,91 @@ def _check_files(root: Path, manifest: dict, roles: list[str], share_a: list) ->
         odd = sorted(set(files) ^ expected)[0]
         raise BundleError(f"{root}/manifest.json: file list does not match roles {roles} "
                           f"({odd} is {'unexpected' if odd in files else 'not listed'}): re-export the bundle")
-    return files
 
 
-def _load_tensors(path: Path, suffix_ok: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def _tensors(root: Path, rel: str, data: bytes, suffix_ok: tuple[str, ...]) -> dict:
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise BundleError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+        tensors = load_safetensors(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise BundleError(f"{root}/{rel} is not a readable safetensors file ({str(e).splitlines()[0][:120]})") \
+            from None
     bad = [k for k in tensors if not k.endswith(suffix_ok)]
     if bad:
-        raise BundleError(f"{path} holds an unexpected tensor {bad[0]!r} (expected names ending in {suffix_ok})")
+        raise BundleError(f"{root}/{rel} holds an unexpected tensor {bad[0]!r} (expected names ending in {suffix_ok})")
     return tensors
 
 
-def _check_manifest_matches(root: Path, manifest: dict, bundle: Bundle) -> None:
-    lora, where = manifest["lora"], f"{root}/manifest.json"
-    if "modules" in lora and sorted(lora["modules"]) != bundle.modules:
+def _check_manifest_matches(root: Path, m: dict, bundle: Bundle) -> None:
+    where = f"{root}/manifest.json"
+    if m["modules"] is not None and sorted(m["modules"]) != bundle.modules:
         raise BundleError(f"{where}: lora.modules do not match the modules in the tensor files: re-export")
-    if not math.isclose(float(lora.get("scaling", bundle.scaling)), bundle.scaling, rel_tol=1e-9):
-        raise BundleError(f"{where}: lora.scaling {lora.get('scaling')} != {bundle.scaling} from rank/alpha/rule")
-    if lora.get("lrshared_ok", bundle.lrshared_ok) != bundle.lrshared_ok or \
-            manifest.get("modes", bundle.modes) != bundle.modes:
+    if m["scaling"] is not None and not abs(m["scaling"] - bundle.scaling) <= 1e-9 * abs(bundle.scaling):
+        raise BundleError(f"{where}: lora.scaling {m['scaling']} != {bundle.scaling} from rank/alpha/rule")
+    if m["lrshared_ok"] not in (None, bundle.lrshared_ok) or m["modes"] not in (None, bundle.modes):
         raise BundleError(f"{where}: lrshared_ok/modes do not match share_a {bundle.share_a}: re-export")
     dtype = str(bundle.b(bundle.modules[0], bundle.roles[0]).dtype).replace("torch.", "")
-    if manifest.get("dtype", dtype) != dtype:
-        raise BundleError(f"{where}: dtype {manifest.get('dtype')!r} does not match the tensors ({dtype}): re-export")
-    if manifest.get("a_family_hash") != bundle.a_family_hash:
+    if m["dtype"] not in (None, dtype):
+        raise BundleError(f"{where}: dtype {m['dtype']!r} does not match the tensors ({dtype}): re-export")
+    if m["a_family_hash"] != bundle.a_family_hash:
         raise BundleError(f"{where}: a_family_hash does not match the shared A tensors; re-export")
-    for role in bundle.roles:
-        try:
-            cfg = json.loads((root / "peft" / role / "adapter_config.json").read_text())
-            ok = cfg.get("r") == bundle.rank and cfg.get("lora_alpha") == bundle.rank and not cfg.get("use_rslora")
-        except (OSError, ValueError, AttributeError):
-            ok = False
-        if not ok:
-            raise BundleError(f"{root}/peft/{role}/adapter_config.json is unreadable or its r/lora_alpha are not "
-                              f"the bundle rank {bundle.rank}: re-export the bundle")
 
 
-def load_bundle(bundle_dir: str | Path, *, base_dir: str | Path | None = None, verify: bool = True) -> Bundle:
-    """Load and validate a bundle. ``base_dir``: the base model to be used with it; its config fingerprint must
-    match the manifest. ``verify``: check the sha256 of every listed file. Reads nothing but JSON and
-    safetensors; raises :class:`BundleError` (one line) on the first problem and never writes."""
-    root = Path(bundle_dir).absolute()
-    manifest = read_manifest(root)
-    try:
-        if not isinstance(manifest["roles"], list):
-            raise TypeError("'roles' must be a list")
-        roles = [validate_role_name(r) for r in manifest["roles"]]
-        lora = manifest["lora"]
-        rank, alpha, targets, share_a = int(lora["rank"]), float(lora["alpha"]), lora["targets"], lora["share_a"]
-        rule = lora.get("scaling_rule", "standard")
-        files = _check_files(root, manifest, roles, share_a)
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, BundleError):
-            raise
-        raise BundleError(f"{root}/manifest.json is missing or has a bad field: {e}") from None
+def _load_once(d: BundleDir, verify: bool) -> Bundle:
+    root = d.root
+    manifest = _manifest_from(d)
+    m = parse_manifest(manifest, f"{root}/manifest.json")
+    roles = [validate_role_name(r) for r in m["roles"]]
+    _check_files(d, m["files"], m["peft"], roles, m["share_a"])
+    data = {rel: d.read(rel) for rel in sorted(m["files"])}
     if verify:
-        for rel, digest in files.items():
-            if sha256_file(root / rel) != digest:
+        for rel, digest in m["files"].items():
+            if hashlib.sha256(data[rel]).hexdigest() != digest:
                 raise BundleError(f"{root}/{rel}: sha256 does not match manifest.json (corrupted or modified); "
                                   f"re-export the bundle")
-    if base_dir is not None:
-        want = (manifest.get("base") or {}).get("config_sha256")
-        got = base_fingerprint(base_dir)
-        if want != got:
-            raise BundleError(f"base model {base_dir} does not match the bundle (config.json sha256 {got[:12]} != "
-                              f"{str(want)[:12]}): pass the base model the adapters were trained on")
-
-    shared_a: dict[str, torch.Tensor] = {}
-    if share_a:
-        shared_a = {k[: -len(".lora_A")]: v for k, v in _load_tensors(root / "shared_a.safetensors",
-                                                                       (".lora_A",)).items()}
+    shared_a = {}
+    if m["share_a"]:
+        rel = "shared_a.safetensors"
+        shared_a = {k[: -len(".lora_A")]: v for k, v in _tensors(root, rel, data[rel], (".lora_A",)).items()}
     role_a, role_b = {}, {}
     for role in roles:
-        t = _load_tensors(root / "roles" / f"{role}.safetensors", (".lora_A", ".lora_B"))
+        rel = f"roles/{role}.safetensors"
+        t = _tensors(root, rel, data[rel], (".lora_A", ".lora_B"))
         role_b[role] = {k[: -len(".lora_B")]: v for k, v in t.items() if k.endswith(".lora_B")}
         role_a[role] = {k[: -len(".lora_A")]: v for k, v in t.items() if k.endswith(".lora_A")}
-    bundle = Bundle(roles=roles, rank=rank, alpha=alpha, targets=list(targets), share_a=list(share_a),
-                    shared_a=shared_a, role_a=role_a, role_b=role_b, scaling_rule=rule,
-                    base=manifest.get("base") or {}, source=manifest.get("source") or {}, root=root)
+    bundle = Bundle(roles=roles, rank=m["rank"], alpha=m["alpha"], targets=m["targets"], share_a=m["share_a"],
+                    shared_a=shared_a, role_a=role_a, role_b=role_b, scaling_rule=m["scaling_rule"],
+                    base=m["base"], source=m["source"], root=root)
     try:
         bundle.validate()
     except BundleError as e:
         raise BundleError(f"{root}: {e}") from None
-    _check_manifest_matches(root, manifest, bundle)
+    _check_manifest_matches(root, m, bundle)
+    check_peft_copies(bundle, {rel: v for rel, v in data.items() if rel.startswith("peft/")})
+    return bundle
+
+
+def load_bundle(bundle_dir: str | Path, *, base_dir: str | Path | None = None, verify: bool = True) -> Bundle:
+    """Load and validate a bundle. ``base_dir``: the base model to be used with it; it must be the base the manifest
+    records (config sha256, and the weights fingerprint where recorded; see :func:`check_base`). ``verify``: check
+    the sha256 of every listed file. Reads nothing but JSON and safetensors; raises :class:`BundleError` (one line)
+    on the first problem and never writes."""
+    root = Path(bundle_dir).absolute()
+    for attempt in range(2):
+        d = BundleDir(root)
+        try:
+            bundle = _load_once(d, verify)
+            break
+        except (BundleError, OSError) as e:
+            if d.replaced():
+                if attempt == 0:
+                    continue
+                raise BundleError(f"bundle {root} was replaced while it was being read (a concurrent 'lragent "
+                                  f"export --force'?): load it again") from None
+            if isinstance(e, OSError):
+                raise BundleError(f"cannot read bundle {root} ({e.strerror}: {e.filename or ''})") from None
+            raise
+        finally:
+            d.close()
+    if base_dir is not None:
+        check_base(bundle.base, base_dir)
     return bundle

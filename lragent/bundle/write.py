@@ -1,18 +1,16 @@
 """Writing bundles: atomically (temp dir, optional verification, then rename or atomic exchange)."""
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
+from . import fsutil
 from .format import FORMAT_NAME, FORMAT_VERSION, Bundle, BundleError, sha256_file, target_of
 
 
@@ -32,6 +30,7 @@ def _peft_files(bundle: Bundle, role: str) -> tuple[dict, dict[str, torch.Tensor
 
 
 def manifest_of(bundle: Bundle, files: dict[str, str]) -> dict:
+    """The manifest.json content of ``bundle`` with the given {relative path: sha256} file list."""
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -63,37 +62,67 @@ def _replaceable(out: Path) -> bool:
         return False
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where the OS cannot."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:  # AT_FDCWD, RENAME_EXCHANGE
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
+_exchange = fsutil.exchange        # module attribute so that tests can force the two-rename fallback
 
 
-def write_bundle(bundle: Bundle, out_dir: str | Path, *, force: bool = False,
-                 verify: Callable[[Path], None] | None = None) -> Path:
-    """Write ``bundle`` to ``out_dir`` atomically: everything goes to a temp dir next to it, ``verify(tmp_dir)`` (if
-    given) may check it and raise, then the temp dir is renamed into place (with ``force``, atomically exchanged
-    with the existing bundle). Refuses to overwrite anything unless ``force``, and even then only an existing
-    bundle or empty directory; on any failure nothing is left behind and an existing bundle is untouched."""
-    bundle.validate()
-    out = Path(out_dir).absolute()
+def _check_target(out: Path, force: bool) -> None:
     if out.exists() or out.is_symlink():
         if not force:
             raise BundleError(f"{out} already exists: choose another --out or pass --force to replace it")
         if not _replaceable(out):
             raise BundleError(f"{out} exists and is not an lragent bundle: refusing to replace it, even with --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _place(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished ``tmp`` to ``out``. The target is checked again here, at the exchange: without ``force``
+    the rename fails if anything appeared at ``out`` meanwhile; with it, only a bundle (or empty directory) is ever
+    swapped out, and something else found in the swap is swapped back."""
+    if not force or not os.path.lexists(out):
+        try:
+            fsutil.rename_noreplace(tmp, out)
+            return
+        except FileExistsError:
+            if not force:
+                raise BundleError(f"{out} appeared while the bundle was being written (another export?): nothing "
+                                  f"was replaced; choose another --out or pass --force") from None
+    if not _replaceable(out):
+        raise BundleError(f"{out} exists and is not an lragent bundle: refusing to replace it, even with --force")
+    if _exchange(tmp, out):                        # tmp now holds what was at out; removed by the caller
+        if not _replaceable(tmp):                  # replaced by something else between the check and the swap
+            _exchange(tmp, out)
+            raise BundleError(f"{out} was replaced by something that is not an lragent bundle while the bundle "
+                              f"was being written: left it in place, nothing was written")
+        return
+    old = fsutil.new_temp_dir(out, "old")          # fallback: two renames, rolled back on failure
     try:
+        os.rename(out, old / "bundle")
+        if not _replaceable(old / "bundle"):
+            os.rename(old / "bundle", out)
+            raise BundleError(f"{out} was replaced by something that is not an lragent bundle while the bundle "
+                              f"was being written: left it in place, nothing was written")
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            os.rename(old / "bundle", out)
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_bundle(bundle: Bundle, out_dir: str | Path, *, force: bool = False,
+                 verify: Callable[[Path], None] | None = None) -> Path:
+    """Write ``bundle`` to ``out_dir`` atomically: everything goes to a temp dir next to it (stale temp dirs of
+    killed writers are removed first), ``verify(tmp_dir)`` (if given) may check it and raise, then the temp dir is
+    renamed into place (with ``force``, atomically exchanged with the existing bundle). Refuses to overwrite anything
+    unless ``force``, and even then only an existing bundle or empty directory, checked again at the exchange;
+    on any failure (a full disk included) nothing is left behind and an existing bundle is untouched. Files and
+    directories get umask-following modes."""
+    bundle.validate()
+    out = Path(out_dir).absolute()
+    _check_target(out, force)
+    tmp, created, placed = None, fsutil.missing_ancestor(out), False
+    try:
+        tmp = fsutil.new_temp_dir(out)
         files = {}
 
         def put(rel: str, tensors: dict[str, torch.Tensor]):
@@ -116,21 +145,15 @@ def write_bundle(bundle: Bundle, out_dir: str | Path, *, force: bool = False,
         (tmp / "manifest.json").write_text(json.dumps(manifest_of(bundle, files), indent=2) + "\n")
         if verify is not None:
             verify(tmp)
-        if out.exists() and _exchange(tmp, out):
-            pass                                   # tmp now holds the old bundle; removed below
-        elif out.exists():                         # fallback: two renames, rolled back on failure
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "bundle")
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                os.rename(old / "bundle", out)
-                shutil.rmtree(old, ignore_errors=True)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        fsutil.seal(tmp)
+        _place(tmp, out, force)
+        placed = True
+    except OSError as e:
+        raise BundleError(f"cannot write bundle {out}: {fsutil.describe_os_error(e)}; nothing was written") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not placed:
+            fsutil.remove_created(created, out)
     bundle.root = out
     return out

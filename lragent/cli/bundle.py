@@ -28,12 +28,32 @@ def _quiet() -> None:
     transformers.logging.disable_progress_bar()
 
 
+def _progress(text: str) -> None:
+    """A progress line on stderr (stdout stays the command's result)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def _check_device(device: str) -> str:
+    """``--device`` for the verification forward: a torch device that exists here; BundleError otherwise."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise BundleError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise BundleError(f"--device {device}: no such CUDA device on this machine (use --device cpu)")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise BundleError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    return device
+
+
 def cmd_export(args) -> int:
+    """``lragent export``: a run's checkpoint -> a PEFT-verified bundle."""
     from lragent.train.export import export_run
     _quiet()
     try:
         out, errors = export_run(args.run, args.out, checkpoint=args.checkpoint, force=args.force,
-                                 base_dir=args.base, device=args.device)
+                                 base_dir=args.base, device=_check_device(args.device), progress=_progress)
     except BundleError as e:
         return _fail(e)
     bundle = load_bundle(out, verify=False)
@@ -44,6 +64,7 @@ def cmd_export(args) -> int:
 
 
 def _parse_roles(items: list[str]) -> dict[str, str]:
+    """``["NAME=DIR", ...]`` -> {name: dir}; BundleError for a malformed or repeated role."""
     roles: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -56,23 +77,42 @@ def _parse_roles(items: list[str]) -> dict[str, str]:
 
 
 def cmd_import_peft(args) -> int:
+    """``lragent import-peft``: PEFT adapters -> one shared-A bundle, with the rewrite's error report."""
     from lragent.train.import_peft import import_peft
     _quiet()
     try:
         out, rep = import_peft(args.base, _parse_roles(args.role), args.out, share=args.share_a, force=args.force,
-                               device=args.device)
+                               device=_check_device(args.device), progress=_progress)
     except BundleError as e:
         return _fail(e)
     shared = ", ".join(f"{t} ({k}, rank {rep['shared_rank'][t]})" for t, k in rep["shared_targets"].items())
     print(f"wrote {out}: roles {', '.join(rep['roles'])}; bundle rank {rep['rank']}; targets "
           f"{', '.join(rep['targets'])}; shared A: {shared or 'none'}; lrshared {'ok' if rep['lrshared_ok'] else 'NO'}")
-    print(f"  {'role':<16} {'max|dW err|':>12} {'rel max err':>12} {'rel err (shared)':>17} {'PEFT logit diff':>16}")
-    for role, r in rep["roles"].items():
-        print(f"  {role:<16} {r['max_abs_err']:>12.2e} {r['rel_max_err']:>12.2e} {r['rel_err_shared']:>17.2e} "
-              f"{rep['peft_logit_err'][role]:>16.2e}")
+    for line in report_lines(rep):
+        print(line)
     if rep["rank"] > max(rep["shared_rank"].values(), default=rep["rank"]):
         print(f"  note: other targets need rank {rep['rank']}; shared A is zero-padded to it (bundles have one rank)")
     return 0
+
+
+def report_lines(rep: dict) -> list[str]:
+    """The per-role error table of import-peft, each column labelled with what it measures and over which modules:
+    dW errors are absolute (max |dW' - dW|) or relative (to max |dW|, or Frobenius ||dW' - dW|| / ||dW||); the
+    "exact" columns cover the modules rewritten exactly ("-" when there are none), the shared-A column the modules
+    whose A was rewritten (lossy under rank=R); the last column is the PEFT export's logit difference."""
+    n_exact, n_shared = rep.get("exact_modules"), rep.get("shared_modules")
+    ex = f"exact: {n_exact} mod" if n_exact is not None else "exact modules"
+    sh = f"shared A: {n_shared} mod" if n_shared is not None else "shared-A modules"
+    lines = [f"  {'role':<16} {'abs max|dW err|':>16} {'rel max|dW err|':>16} {'rel ||dW err||_F':>17} "
+             f"{'max|logit diff|':>16}",
+             f"  {'':<16} {'(' + ex + ')':>16} {'(' + ex + ')':>16} {'(' + sh + ')':>17} {'(PEFT vs bundle)':>16}"]
+    for role, r in rep["roles"].items():
+        none = n_exact == 0
+        abs_e = f"{'-':>16}" if none else f"{r['max_abs_err']:>16.2e}"
+        rel_e = f"{'-':>16}" if none else f"{r['rel_max_err']:>16.2e}"
+        shared_e = f"{'-':>17}" if n_shared == 0 else f"{r['rel_err_shared']:>17.2e}"
+        lines.append(f"  {role:<16} {abs_e} {rel_e} {shared_e} {rep['peft_logit_err'][role]:>16.2e}")
+    return lines
 
 
 def summary(bundle_dir: str | Path, base_dir: str | Path | None = None) -> dict:
@@ -101,6 +141,7 @@ def summary(bundle_dir: str | Path, base_dir: str | Path | None = None) -> dict:
 
 
 def cmd_inspect(args) -> int:
+    """``lragent inspect``: validate a bundle and print its summary."""
     try:
         s = summary(args.bundle, args.base)
     except BundleError as e:
@@ -111,7 +152,8 @@ def cmd_inspect(args) -> int:
     b = s["bytes"]
     print(f"bundle     {s['path']}  ({s['format']}, sha256 verified)")
     base = s["base"]
-    print(f"base       {base.get('name')}  {base.get('path')}  config sha256 {base.get('config_sha256')}")
+    print(f"base       {base.get('name')}  {base.get('path')}  config sha256 {base.get('config_sha256')}"
+          + (f"  weights {base['weights_fingerprint']}" if base.get("weights_fingerprint") else ""))
     print(f"roles      {', '.join(s['roles'])}")
     print(f"lora       rank {s['rank']}, alpha {s['alpha']:g} ({s['scaling_rule']}, scaling {s['scaling']:g}), "
           f"dtype {s['dtype']}, {s['modules']} modules in {s['layers']} layers")
@@ -131,6 +173,7 @@ def cmd_inspect(args) -> int:
 
 
 def add_bundle_commands(sub) -> None:
+    """Register export, import-peft and inspect on the ``lragent`` subparsers."""
     p = sub.add_parser("export", help="write a bundle from a training run (verified against PEFT)")
     p.add_argument("--run", required=True, help="training run directory (run.json, checkpoints/)")
     p.add_argument("--checkpoint", type=int, default=None, help="step N (checkpoints/step-N); default: the last")
@@ -160,10 +203,13 @@ def add_bundle_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The bundle commands standalone (same exit codes as ``lragent``)."""
+    from .guard import run_guarded
+
     parser = argparse.ArgumentParser(prog="lragent")
     add_bundle_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)
-    return args.func(args)
+    return run_guarded(lambda: args.func(args), sigterm=args.command in ("export", "import-peft"))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import sys
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the train command's arguments to ``p``."""
     p.add_argument("--config", help="recipe YAML (recipes/*.yaml); omitted: built-in defaults")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-3")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
@@ -28,7 +29,8 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         out = train(cfg, resume=args.resume, overwrite=args.overwrite, embedded=EMBEDDED)
     except (ConfigError, DataError, TrainError, BundleError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = str(e) if isinstance(e, ConfigError) else " ".join(str(e).split())
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     finally:
         if dist.is_available() and dist.is_initialized():
@@ -38,5 +40,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m lragent.train`` / ``accelerate launch -m lragent.train``: train, exit 0 or 2 (SIGTERM: 143)."""
+    from .guard import run_guarded
+
     p = add_train_arguments(argparse.ArgumentParser(prog="lragent.train", description="Train shared-A role adapters"))
-    return run_train(p.parse_args(argv))
+    args = p.parse_args(argv)
+    return run_guarded(lambda: run_train(args), sigterm=True)
