@@ -20,7 +20,7 @@ import secrets
 import threading
 from pathlib import Path
 
-from lragent.bundle import Bundle, BundleError, base_fingerprint, load_bundle, read_manifest
+from lragent.bundle import Bundle, BundleError, base_fingerprint, check_base, load_bundle, read_manifest
 from lragent.modes import CacheMode, get_mode
 
 from .config import ServeConfig, ServeError
@@ -47,10 +47,13 @@ def resolve_base(base_info: dict, root: Path | None, base, candidates=()) -> Pat
         for c in [Path(recorded)] + ([root / recorded] if root is not None else []):
             if (c / "config.json").is_file():
                 return c
-    want = (base_info or {}).get("config_sha256")
     for c in candidates:
         c = Path(c)
-        if (c / "config.json").is_file() and base_fingerprint(c) == want:
+        if (c / "config.json").is_file() and (base_info or {}).get("config_sha256"):
+            try:
+                check_base(base_info, c)              # config and (when recorded) weights fingerprints
+            except BundleError:
+                continue
             return c
     raise ServeError(f"the base model recorded in the bundle ({recorded or 'none'}) is not on this machine: "
                      f"pass --base PATH (a local model directory)")
@@ -80,8 +83,7 @@ class Engine:
         if isinstance(bundle, Bundle):
             self.bundle = bundle
             self.base_dir = resolve_base(bundle.base, bundle.root, base, base_candidates)
-            if (bundle.base or {}).get("config_sha256") not in (None, base_fingerprint(self.base_dir)):
-                raise BundleError(f"base model {self.base_dir} does not match the bundle (config.json sha256)")
+            check_base(bundle.base, self.base_dir)
         else:
             root = Path(bundle).absolute()
             self.base_dir = resolve_base(read_manifest(root).get("base") or {}, root, base, base_candidates)
@@ -118,7 +120,8 @@ class Engine:
                          self.device)
         self.cache = CacheTensors(self.cfg, self.num_blocks, self.block_size, num_lr_blocks=n_lr, rank=a.rank,
                                   lr_targets=lr_targets, dtype=self.dtype, device=self.device)
-        fp = (self.bundle.base or {}).get("config_sha256") or base_fingerprint(self.base_dir)
+        info = self.bundle.base or {}        # cache keys carry the base: config and weights fingerprints
+        fp = f"{info.get('config_sha256') or base_fingerprint(self.base_dir)}/{info.get('weights_fingerprint', '')}"
         comps = build_components(mode, self.cache, self.num_blocks, self.block_size, base_fp=fp, family=a.family)
         self.kv = KVManager(comps, self.block_size)
         self._lr_comp = None if not lr_targets else next(i for i, c in enumerate(comps) if "lowrank" in c.block_bytes)

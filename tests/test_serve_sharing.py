@@ -199,7 +199,8 @@ def test_cache_keys_carry_base_fingerprint_family_and_adapter(bundles, base, tmp
     from lragent.bundle import base_fingerprint, load_bundle
     from lragent.serve.sequence import Sequence
 
-    fp = base_fingerprint(base)
+    info = load_bundle(bundles["three"]).base
+    fp = f"{base_fingerprint(base)}/{info.get('weights_fingerprint', '')}"     # config and weights fingerprints
     fam = load_bundle(bundles["three"]).a_family_hash
     seq = Sequence(0, [1, 2], "actor", 1, GREEDY, None)
 
