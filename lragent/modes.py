@@ -8,6 +8,7 @@ With L layers, d_kv = H_kv * D, r the rank, m the cached projections carrying Lo
     fullshared  shared, with the writer's adapter             -                            reused (lossy)
     baseshared  shared base K/V                               per role (its own A)         computed again (for X A)
     lrshared    shared base K/V                               shared (needs shared A)      reused
+    lrbase      shared base K/V, written by the base model    shared, from base hidden     reused (drift-controlled)
 
 A new mode is one row here plus what is truly new (a writer, a component).
 """
@@ -24,7 +25,8 @@ class CacheMode:
     lowrank_per_role: bool     # L blocks are keyed by role (a separate component: per-role A)
     needs_shared_a: bool       # every cached target must share A across roles
     reuses_other_roles: bool   # context another role prefilled is taken from the cache without recompute
-    writer: str = "role"       # who computes a context token's cache entries: the role that prefills it
+    writer: str = "role"       # who computes a context token's cache entries: "role" (the role that prefills it) or
+                               # "base" (an adapter-free pass of the base model; each reader still applies its B)
     summary: str = ""
 
     @property
@@ -43,6 +45,9 @@ MODE_TABLE: tuple[CacheMode, ...] = (
               reuses_other_roles=False, summary="shared base K/V + per-role low-rank cache: recomputes context"),
     CacheMode("lrshared", lowrank=True, kv_per_role=False, lowrank_per_role=False, needs_shared_a=True,
               reuses_other_roles=True, summary="shared base K/V + shared low-rank cache (the LRAgent scheme)"),
+    CacheMode("lrbase", lowrank=True, kv_per_role=False, lowrank_per_role=False, needs_shared_a=True,
+              reuses_other_roles=True, writer="base",
+              summary="lrshared whose cache an adapter-free pass of the base model writes: no cross-role drift"),
 )
 MODES: tuple[str, ...] = tuple(m.name for m in MODE_TABLE)
 BY_NAME = {m.name: m for m in MODE_TABLE}

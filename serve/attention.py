@@ -39,8 +39,8 @@ class AttentionBackend:
     def plan(self, batch):
         return None
 
-    def lowrank_args(self, layer: int, cache, batch) -> dict:
-        if not self.lowrank:
+    def lowrank_args(self, layer: int, cache, batch, lowrank: bool = True) -> dict:
+        if not (self.lowrank and lowrank):
             return {}
         kw = dict(agent_ids=batch.agent_ids, lr_block_table=batch.lr_block_table, **cache.lr_views[layer],
                   **self.b_heads[layer])
@@ -48,7 +48,8 @@ class AttentionBackend:
             kw.update(cos=self.cos, sin=self.sin)
         return kw
 
-    def __call__(self, plan, layer: int, q: torch.Tensor, cache, batch) -> torch.Tensor:
+    def __call__(self, plan, layer: int, q: torch.Tensor, cache, batch, lowrank: bool = True) -> torch.Tensor:
+        """Attention of ``q`` over the layer's cache; ``lowrank=False``: base K/V only (no adapter terms)."""
         raise NotImplementedError
 
 
@@ -59,10 +60,10 @@ class KernelBackend(AttentionBackend):
         super().__init__(**kw)
         self.fn, self.name = fn, name
 
-    def __call__(self, plan, layer, q, cache, batch):
+    def __call__(self, plan, layer, q, cache, batch, lowrank=True):
         return self.fn(q, cache.k[layer], cache.v[layer], batch.block_table, batch.seq_lens, batch.cu_seqlens_q,
                        softmax_scale=q.shape[-1] ** -0.5, max_seqlen_q=batch.max_q, max_seqlen_k=batch.max_k,
-                       **self.lowrank_args(layer, cache, batch))
+                       **self.lowrank_args(layer, cache, batch, lowrank))
 
 
 class TorchBackend(AttentionBackend):
@@ -78,9 +79,9 @@ class TorchBackend(AttentionBackend):
         return Plan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, batch.agent_ids, batch.lr_block_table,
                     self.block_size, *self.rope_kv, self.n_kv)
 
-    def __call__(self, plan, layer, q, cache, batch):
+    def __call__(self, plan, layer, q, cache, batch, lowrank=True):
         kw = {}
-        if self.lowrank:
+        if self.lowrank and lowrank:
             kw = dict(self.lowrank_args(layer, cache, batch), prepared=self.prepared[layer],
                       lr_cache=cache.lr_layers[layer])
         return paged_attention_cpu(q, cache.k[layer], cache.v[layer], batch.block_table, batch.seq_lens,

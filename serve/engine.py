@@ -98,7 +98,8 @@ class Engine:
         self.block_size, self.num_blocks = config.block_size, config.num_blocks
         self._build_cache()
         self.runner = ModelRunner(self.base_dir, self.cfg, self.adapters, lowrank=self.lowrank, dtype=self.dtype,
-                                  device=self.device, attention=config.attention, block_size=self.block_size)
+                                  device=self.device, attention=config.attention, block_size=self.block_size,
+                                  writer=self.mode_row.writer)
         eos = set(self.cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

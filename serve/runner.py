@@ -37,6 +37,38 @@ class Batch:
     max_k: int = 0
 
 
+def make_groups(roles: list[int], device) -> Groups:
+    """Token groups by role: [(role, None)] when every token has one role, else (role, token indices) pairs."""
+    uniq = sorted(set(roles))
+    if len(uniq) == 1:
+        return [(uniq[0], None)]
+    return [(r, torch.tensor([i for i, x in enumerate(roles) if x == r], dtype=torch.long, device=device))
+            for r in uniq]
+
+
+def last_rows_batch(batch: Batch) -> Batch | None:
+    """The batch of only the rows whose logits are wanted (one per sequence whose chunk ends it), reading the cache
+    the full batch wrote and writing nothing; None if there are none."""
+    cu = batch.cu_seqlens_q.tolist()
+    want = set(batch.logits_rows.tolist())
+    seqs = [b for b in range(len(cu) - 1) if cu[b + 1] > cu[b] and cu[b + 1] - 1 in want]
+    if not seqs:
+        return None
+    dev = batch.input_ids.device
+    sel = torch.tensor(seqs, dtype=torch.long, device=dev)
+    rows = torch.tensor([cu[b + 1] - 1 for b in seqs], dtype=torch.long, device=dev)
+    agents = batch.agent_ids[sel]
+    lens = batch.seq_lens[sel]
+    empty = rows[:0]
+    return Batch(input_ids=batch.input_ids[rows], positions=batch.positions[rows],
+                 groups=make_groups(agents.tolist(), dev),
+                 cu_seqlens_q=torch.arange(len(seqs) + 1, dtype=torch.int32, device=dev), seq_lens=lens,
+                 block_table=batch.block_table[sel], agent_ids=agents, kv_rows=empty, kv_slots=empty,
+                 logits_rows=torch.arange(len(seqs), device=dev),
+                 lr_block_table=None if batch.lr_block_table is None else batch.lr_block_table[sel],
+                 lr_rows=empty, lr_slots=empty, lr_roles=empty, max_q=1, max_k=int(lens.max()))
+
+
 class CacheTensors:
     """The preallocated paged pool: per layer K/V blocks and, in the low-rank modes, blocks holding [L_k | L_v] side
     by side ([L, num_lr_blocks, block_size, m*r]; the attention backends get the two as strided views)."""
@@ -62,21 +94,23 @@ class CacheTensors:
 
 
 class StepContext:
-    """What the decoder of one step calls back into (see the module doc)."""
+    """What the decoder of one step calls back into (see the module doc). ``adapters=False``: the base model alone
+    (no LoRA anywhere, plain attention over base K/V), as the base writer of ``lrbase`` computes the cache."""
 
-    def __init__(self, runner: "ModelRunner", batch: Batch, cache: CacheTensors):
-        self.runner, self.batch, self.cache = runner, batch, cache
+    def __init__(self, runner: "ModelRunner", batch: Batch, cache: CacheTensors, *, adapters: bool = True,
+                 logits: bool = True):
+        self.runner, self.batch, self.cache, self.adapters = runner, batch, cache, adapters
         r = runner
         self.cos = r.cos_dt[batch.positions][:, None, :]
         self.sin = r.sin_dt[batch.positions][:, None, :]
-        self.logits_rows = batch.logits_rows
+        self.logits_rows = batch.logits_rows if logits else batch.logits_rows[:0]
         self.kv_all = batch.kv_rows.numel() == batch.input_ids.shape[0]
         self.plan = r.backend.plan(batch)
 
     def lora(self, layer: int, target: str, x: torch.Tensor) -> torch.Tensor | None:
         """The per-role LoRA delta of ``target`` in ``layer`` for the batch's tokens, or None."""
         mod = self.runner.adapters.layers[layer].get(target)
-        if mod is None or (self.runner.lowrank and target in ("k_proj", "v_proj")):
+        if mod is None or not self.adapters or (self.runner.lowrank and target in ("k_proj", "v_proj")):
             return None
         return lora_delta(x, mod, self.batch.groups)
 
@@ -86,9 +120,11 @@ class StepContext:
         if b.kv_rows.numel():
             c.k_flat[layer][b.kv_slots] = k if self.kv_all else k[b.kv_rows]
             c.v_flat[layer][b.kv_slots] = v if self.kv_all else v[b.kv_rows]
-        if self.runner.lowrank and b.lr_rows.numel():
+        if self.runner.lowrank and b.lr_rows is not None and b.lr_rows.numel():
             self._write_lowrank(layer, x)
-        return self.runner.backend(self.plan, layer, q, c, b)
+        if self.runner.observer is not None:
+            self.runner.observer(layer, x, k, v, b)
+        return self.runner.backend(self.plan, layer, q, c, b, lowrank=self.adapters and self.runner.lowrank)
 
     def _write_lowrank(self, layer: int, x: torch.Tensor) -> None:
         ad, b, c = self.runner.adapters, self.batch, self.cache
@@ -109,8 +145,9 @@ class ModelRunner:
     """The model family's decoder, the role adapters and the attention backend, on one device and dtype."""
 
     def __init__(self, model_dir, cfg: ModelConfig, adapters: RoleAdapters, *, lowrank: bool, dtype, device,
-                 attention: str = "auto", block_size: int = 16):
-        self.cfg, self.adapters, self.lowrank = cfg, adapters, lowrank
+                 attention: str = "auto", block_size: int = 16, writer: str = "role"):
+        self.cfg, self.adapters, self.lowrank, self.writer = cfg, adapters, lowrank, writer
+        self.observer = None       # optional callable(layer, x, k, v, batch) seeing every layer's inputs (drift)
         self.dtype, self.device = dtype, torch.device(device)
         self.model = build_model(model_dir, cfg, dtype=dtype, device=self.device)
         key_lora = lowrank and "k_proj" in adapters.cached_targets()
@@ -138,6 +175,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: CacheTensors) -> torch.Tensor:
-        """Run the batch, writing its K/V (and L) to the cache; fp32 logits [len(batch.logits_rows), vocab]."""
+        """Run the batch, writing its K/V (and L) to the cache; fp32 logits [len(batch.logits_rows), vocab].
+
+        With the base writer, an adapter-free pass of the base model computes (and writes) the cache entries of
+        every token of the batch; then only the rows whose logits are wanted run again with their role's adapters,
+        reading that cache with their own B."""
         self._ensure_rope(batch.max_k + 1)
-        return self.model.forward(batch.input_ids, StepContext(self, batch, cache))
+        if self.writer != "base":
+            return self.model.forward(batch.input_ids, StepContext(self, batch, cache))
+        self.model.forward(batch.input_ids, StepContext(self, batch, cache, adapters=False, logits=False))
+        last = last_rows_batch(batch)
+        if last is None:
+            return torch.empty(0, self.cfg.vocab_size, device=self.device)
+        return self.model.forward(last.input_ids, StepContext(self, last, cache))

@@ -15,7 +15,7 @@ from collections import deque
 import torch
 
 from .kvmanager import KVManager
-from .runner import Batch, CacheTensors, ModelRunner
+from .runner import Batch, CacheTensors, ModelRunner, make_groups
 from .sampling import sample
 from .sequence import Sequence
 
@@ -119,9 +119,7 @@ class Scheduler:
             return torch.tensor(x, dtype=torch.long, device=dev)
 
         role_t = long(roles)
-        uniq = sorted(set(roles))
-        groups = [(uniq[0], None)] if len(uniq) == 1 else \
-            [(r, long([i for i, x in enumerate(roles) if x == r])) for r in uniq]
+        groups = make_groups(roles, dev)
         batch = Batch(input_ids=long(ids), positions=long(pos), groups=groups,
                       cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
                       seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev), block_table=table(tables),
