@@ -1,4 +1,4 @@
-"""The ``lragent`` command: train, export, import-peft, inspect, generate, run, chat, serve."""
+"""The ``lragent`` command: train, export, import-peft, inspect, generate, run, chat, serve, eval, drift."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lragent.serve.cli import add_serve_commands
 
     from .bundle import add_bundle_commands
+    from .fidelity import add_fidelity_commands
     from .train import add_train_arguments, run_train
 
     from lragent import __version__
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(t).set_defaults(func=run_train)
     add_bundle_commands(sub)
     add_serve_commands(sub)
+    add_fidelity_commands(sub)
     return p
 
 
