@@ -18,12 +18,13 @@ from lragent.bundle import BundleError
 
 from lragent.modes import MODES
 
+from .chat import chat_loop, check_chat, enable_line_editing
 from .config import ATTENTION_BACKENDS, ServeConfig, ServeError
 from .engine import Engine
 from .report import comparison_table, human_bytes, summary_table, turns_table
 from .sampling import SamplingParams
 from .tokens import NoChatTemplate
-from .trajectory import check_roles, load_trajectory, median_runs, run_trajectory, summarize
+from .trajectory import check_roles, load_trajectory, replay, summarize
 
 
 def _engine_args(p: argparse.ArgumentParser, *, allow_all: bool = False) -> None:
@@ -148,14 +149,18 @@ def _json_stats(st: dict) -> dict:
 # --------------------------------------------------------------------------------------------------------- run
 @_guard
 def cmd_run(args) -> int:
+    """``lragent run``: replay a trajectory per mode; a turn that cannot run stops its mode, keeping (printing)
+    the completed turns, and ends in one ``error:`` line naming the file and the turn (exit 2)."""
     traj = load_trajectory(args.trajectory)
     if args.repeat < 1:
         raise ServeError("--repeat must be >= 1")
-    overrides = _sampling_overrides(args)
-    traj.defaults = {**traj.defaults, **overrides}
-    modes = list(MODES) if args.mode == "all" else [args.mode]
     if args.mode not in (None, "all") and args.mode not in MODES:
         raise ServeError(f"unknown mode {args.mode!r}: use one of {', '.join(MODES)} or all")
+    overrides = _sampling_overrides(args)
+    SamplingParams(**overrides)                      # a bad flag is refused as the flag, before any turn
+    traj.defaults = {**traj.defaults, **overrides}
+    traj.check_params()
+    modes = list(MODES) if args.mode == "all" else [args.mode]
     engines, skipped = {}, {}
     for mode in modes:
         try:
@@ -169,104 +174,92 @@ def cmd_run(args) -> int:
         if not args.no_warmup:
             engine.warmup()
         engines[engine.mode] = engine
-    # Repeats are interleaved across modes (mode 1, mode 2, ..., mode 1, ...) so that a drift in machine load
-    # affects every mode alike; each replay starts from an empty cache.
-    runs = {mode: [] for mode in engines}
-    for _ in range(args.repeat):
-        for mode, engine in engines.items():
-            engine.clear_cache()
-            runs[mode].append(run_trajectory(engine, traj))
-    per_mode, summaries = {}, {}
-    for mode, engine in engines.items():
-        results = median_runs(runs[mode])
-        per_mode[mode] = results
-        summaries[mode] = summarize(results)
-        if not args.json:
-            print(f"== {traj.name}: mode {engine.mode} ({len(engine.roles)} roles, {engine.dtype}, "
-                  f"{engine.device}, block {engine.block_size}, attention {engine.runner.attention}"
-                  f"{f', median of {args.repeat} runs' if args.repeat > 1 else ''})")
-            print(turns_table(results))
-            print(_cache_line(engine.stats()))
-            print()
-    del engines
-    if not per_mode:
+    if not engines:
         raise ServeError(next(iter(skipped.values())))
+    rep = replay(engines, traj, args.repeat)
     if args.json:
-        print(json.dumps({"trajectory": traj.name, "modes": {m: {"turns": [r.as_dict() for r in rs],
-                                                                   "summary": summaries[m]}
-                                                               for m, rs in per_mode.items()},
-                          "skipped": skipped}))
-        return 0
-    if len(per_mode) > 1:
+        print_run_json(traj, rep, skipped)
+    else:
+        print_run_text(traj, rep, engines, skipped, args.repeat)
+    return run_exit(rep, json_mode=args.json)
+
+
+def print_run_text(traj, rep, engines: dict, skipped: dict, repeat: int) -> None:
+    """The per-turn table of each mode (the turns completed, for a mode a turn stopped), then the comparison."""
+    for mode, results in rep.turns.items():
+        engine = engines[mode]
+        print(f"== {traj.name}: mode {engine.mode} ({len(engine.roles)} roles, {engine.dtype}, "
+              f"{engine.device}, block {engine.block_size}, attention {engine.runner.attention}"
+              f"{f', median of {repeat} runs' if repeat > 1 else ''})")
+        print(turns_table(results))
+        if mode in rep.errors:
+            print(f"stopped at turn {rep.errors[mode].turn} ({rep.errors[mode].role}): {len(results)} turn(s) "
+                  f"completed")
+        print(_cache_line(engine.stats()))
+        print()
+    if len(rep.turns) > 1:
+        summaries = {m: summarize(rs) for m, rs in rep.turns.items()}
         print(f"== {traj.name}: modes side by side (prompt tokens prefilled/reused, TTFT)")
-        print(comparison_table(per_mode))
+        print(comparison_table(rep.turns))
         print()
         print(summary_table(summaries))
+        if rep.errors:
+            print(f"(stopped early: {', '.join(rep.errors)}; their totals cover the turns they completed)")
     for mode, why in skipped.items():
         print(f"{mode}: skipped ({why})")
-    return 0
+
+
+def print_run_json(traj, rep, skipped: dict) -> None:
+    """One JSON document: per mode its turns (those completed, where a turn stopped it), summary and error."""
+    modes = {}
+    for m, rs in rep.turns.items():
+        modes[m] = {"turns": [r.as_dict() for r in rs], "summary": summarize(rs)}
+        if m in rep.errors:
+            modes[m]["error"] = str(rep.errors[m])
+    doc = {"trajectory": traj.name, "modes": modes, "skipped": skipped}
+    error = run_error(rep)
+    if error:
+        doc["error"] = error
+    print(json.dumps(doc), flush=True)
+
+
+def run_error(rep) -> str | None:
+    """The one-line error of a replay that did not complete (the first mode stopped, naming the others), or None."""
+    if rep.interrupted:
+        return "interrupted"
+    if not rep.errors:
+        return None
+    (mode, first), *rest = rep.errors.items()
+    msg = str(first)
+    if len(rep.turns) > 1:
+        msg += f" (mode {mode}" + (f"; also stopped: {', '.join(m for m, _ in rest)}" if rest else "") + ")"
+    return msg
+
+
+def run_exit(rep, *, json_mode: bool) -> int:
+    """0 when every mode completed; else one ``error:`` line (saying where the completed turns are) and 2, or 130
+    after Ctrl-C."""
+    error = run_error(rep)
+    if error is None:
+        return 0
+    kept = "in the JSON output" if json_mode else "printed above"
+    print(f"error: {error}; the completed turns are {kept}", file=sys.stderr)
+    return 130 if rep.interrupted else 2
 
 
 # -------------------------------------------------------------------------------------------------------- chat
-CHAT_HELP = ("type a message (appended as 'user', then the current role replies); /role NAME switches role; "
-             "/go lets the current role speak; /tool TEXT appends a tool observation; /reset; /stats; /quit")
-
-
 @_guard
 def cmd_chat(args) -> int:
+    """``lragent chat``: the interactive loop of ``chat.py`` (refuses at start only what no turn could survive)."""
+    enable_line_editing()
     engine = _make_engine(args, args.mode)
     role = args.role or engine.roles[0]
     engine.role_index(role)
     params = SamplingParams(**{"max_new_tokens": 64, **_sampling_overrides(args)})
+    check_chat(engine, role, params)
     if not args.no_warmup:
         engine.warmup()
-    messages: list[dict] = []
-    print(f"roles: {', '.join(engine.roles)}; mode {engine.mode}. {CHAT_HELP}", file=sys.stderr)
-    while True:
-        try:
-            line = input(f"{role}> ")
-        except EOFError:
-            return 0
-        line = line.strip()
-        speak = True
-        if line in ("/quit", "/exit"):
-            return 0
-        if line.startswith("/role"):
-            name = line[5:].strip()
-            if name not in engine.roles:
-                print(f"unknown role {name!r}: roles are {', '.join(engine.roles)}", file=sys.stderr)
-            else:
-                role = name
-            continue
-        if line == "/reset":
-            messages.clear()
-            continue
-        if line == "/stats":
-            print(_cache_line(engine.stats()), file=sys.stderr)
-            continue
-        if line.startswith("/tool"):
-            messages.append({"role": "tool", "content": line[5:].strip()})
-            continue
-        if line == "/go":
-            pass
-        elif line.startswith("/"):
-            print(CHAT_HELP, file=sys.stderr)
-            continue
-        elif line:
-            messages.append({"role": "user", "content": line})
-        else:
-            speak = False
-        if not speak:
-            continue
-        out = engine.generate(engine.render(messages, role), role, params)
-        messages.append({"role": role, "content": out.text.strip()})
-        s = out.stats
-        if args.json:
-            print(json.dumps(out.as_dict()))
-        else:
-            print(f"{role} : {out.text.strip()}")
-            print(f"  [prefilled {s.prefilled_tokens}, reused {s.reused_tokens}, TTFT {s.ttft_s * 1e3:.1f} ms, "
-                  f"{s.decode_tok_s:.0f} tok/s]", file=sys.stderr)
+    return chat_loop(engine, role, params, json_mode=args.json, stats_line=_cache_line)
 
 
 # ------------------------------------------------------------------------------------------------------- serve

@@ -77,6 +77,9 @@ class ServeConfig:
             raise ServeError(f"device {self.device!r} is not supported: use cpu, cuda, cuda:N or auto")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ServeError(f"device {self.device!r} asked for but CUDA is not available here: use --device cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ServeError(f"device {self.device!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
         return dev
 
     def torch_dtype(self) -> torch.dtype:

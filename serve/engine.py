@@ -247,14 +247,11 @@ class Engine:
                 self._collect[s.id] = None
                 self.scheduler.add(s)
         ids = [s.id for s in seqs]
-        while True:
+        while True:                      # every step makes progress (the scheduler never spins: see its step())
             with self._lock:
                 if all(self._collect[i] is not None for i in ids):
                     return [self._collect.pop(i) for i in ids]
-                if not self.step() and not self.scheduler.running:
-                    if not self.scheduler.waiting:
-                        continue                     # another thread's step finished ours: collect next round
-                    raise ServeError("the engine cannot make progress (cache pool too small for any request)")
+                self.step()
 
     def generate(self, prompt, role: str, params: SamplingParams | None = None, **sampling) -> Completion:
         return self.generate_batch([prompt], [role], params or SamplingParams(**sampling))[0]

@@ -5,6 +5,7 @@ from .trajectory import TurnResult
 
 
 def human_bytes(n: float) -> str:
+    """``n`` bytes as B / KiB / MiB / GiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -22,6 +23,9 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
 
 
 def turns_table(results: list[TurnResult]) -> str:
+    """One row per generated turn: prompt / prefilled / reused tokens, TTFT, decode speed, cache bytes, output."""
+    if not results:
+        return "(no turn completed)"
     header = ["turn", "role", "prompt", "prefilled", "reused", "TTFT ms", "decode tok/s", "cache base",
               "cache low-rank", "output"]
     rows = [[r.turn, r.role + (" *" if r.handoff else ""), r.prompt_tokens, r.prefilled_tokens, r.reused_tokens,
@@ -35,16 +39,16 @@ def _clip(text: str, n: int = 28) -> str:
 
 
 def comparison_table(per_mode: dict[str, list[TurnResult]]) -> str:
-    """Per turn, for each mode: prompt tokens prefilled / reused and TTFT."""
+    """Per turn, for each mode: prompt tokens prefilled / reused and TTFT ("-" past the turns a mode completed)."""
     modes = list(per_mode)
-    first = per_mode[modes[0]]
+    first = max(per_mode.values(), key=len)
     header = ["turn", "role"] + [f"{m} pre/reuse  TTFT ms" for m in modes]
     rows = []
     for i, r0 in enumerate(first):
         row = [r0.turn, r0.role + (" *" if r0.handoff else "")]
         for m in modes:
-            r = per_mode[m][i]
-            row.append(f"{r.prefilled_tokens}/{r.reused_tokens}  {r.ttft_ms:.1f}")
+            rs = per_mode[m]
+            row.append(f"{rs[i].prefilled_tokens}/{rs[i].reused_tokens}  {rs[i].ttft_ms:.1f}" if i < len(rs) else "-")
         rows.append(row)
     return _table(header, rows, right={0, *range(2, 2 + len(modes))})
 
@@ -61,7 +65,8 @@ def summary_table(summaries: dict[str, dict], reference: str = "nonshared", ttft
     ref, tref = summaries.get(reference), summaries.get(ttft_reference)
     rows = []
     for m, s in summaries.items():
-        same = (f"{sum(a == b for a, b in zip(s['outputs'], ref['outputs']))}/{len(ref['outputs'])}"
+        same = (f"{sum(a == b for a, b in zip(s['outputs'], ref['outputs']))}/"
+                f"{max(len(s['outputs']), len(ref['outputs']))}"
                 if ref else "-")
         rows.append([m, s["prefilled_tokens"], s["reused_tokens"], f"{s['handoff_ttft_ms_mean']:.1f}",
                      _ratio(s["handoff_ttft_ms_mean"], tref and tref["handoff_ttft_ms_mean"]),

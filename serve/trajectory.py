@@ -19,6 +19,9 @@ Format (``examples/trajectories/*.json``)::
 A turn without ``content`` must name a role of the bundle; its prompt is the transcript so far rendered by the
 tokenizer's chat template with ``add_generation_prompt=True`` and ``role=<role>``, and the generated text (stop
 strings and EOS removed) is appended as that role's message. Turns with ``content`` may use any role name.
+
+A turn that cannot run (the transcript outgrew the model's context or the cache pool) raises :class:`TurnFailed`,
+which names the file and the turn and keeps the turns that completed before it (``replay`` reports them).
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from .config import ServeError
 from .sampling import SamplingParams
@@ -35,7 +40,20 @@ TOP_KEYS = ("name", "description", "base", "defaults", "turns")
 
 
 class TrajectoryError(ServeError):
-    pass
+    """A trajectory file that cannot be read or replayed; the message names the file (and the turn)."""
+
+
+class TurnFailed(TrajectoryError):
+    """One generated turn could not run: ``"FILE: turn N (role): reason"``; ``results`` are the turns completed
+    before it, in order."""
+
+    def __init__(self, message: str, turn: int, role: str, results: list):
+        super().__init__(message)
+        self.turn, self.role, self.results = turn, role, results
+
+
+# What a turn may raise that is about this turn's input (too long for the context / pool), not a bug.
+TURN_ERRORS = (ServeError, MemoryError, torch.OutOfMemoryError)
 
 
 @dataclass
@@ -55,7 +73,19 @@ class Trajectory:
     path: Path | None = None
 
     def params(self, turn: Turn) -> SamplingParams:
+        """The sampling parameters of a generated turn: the file's defaults (with command-line overrides) and the
+        turn's own keys."""
         return SamplingParams(**{**self.defaults, **turn.sampling})
+
+    def check_params(self) -> None:
+        """Build every generated turn's parameters now (overrides merged into ``defaults`` included), so that a bad
+        combination is refused before any turn runs."""
+        for i, t in enumerate(self.turns, 1):
+            if t.content is None:
+                try:
+                    self.params(t)
+                except (ServeError, TypeError) as e:
+                    raise TrajectoryError(f"{self.path}: turn {i} ({t.role}): {e}") from None
 
 
 def _check_sampling(d, where: str) -> dict:
@@ -79,6 +109,24 @@ def _check_sampling(d, where: str) -> dict:
     return out
 
 
+def _not_utf8(obj, where=()) -> tuple | None:
+    """The key path of the first string (or key) in a JSON value that cannot be encoded as UTF-8 (JSON allows lone
+    surrogate escapes; tokenizers refuse them), or None."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        found = _not_utf8(k, where + (k,)) if isinstance(k, str) else None
+        found = found if found is not None else _not_utf8(v, where + (k,))
+        if found is not None:
+            return found
+    return None
+
+
 def load_trajectory(path: str | Path) -> Trajectory:
     """Read and validate a trajectory file; every problem is one line naming the file and the turn."""
     path = Path(path)
@@ -88,8 +136,19 @@ def load_trajectory(path: str | Path) -> Trajectory:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TrajectoryError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise TrajectoryError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(raw, dict):
         raise TrajectoryError(f"{path}: the top level must be an object with a 'turns' list")
+    try:
+        bad_text = _not_utf8(raw)
+    except RecursionError:
+        raise TrajectoryError(f"{path}: nested too deeply (a trajectory is a few levels of objects)") from None
+    if bad_text is not None:
+        keys = ".".join(str(k) for k in (bad_text[2:] if bad_text[:1] == ("turns",) else bad_text))
+        where = f"turn {bad_text[1] + 1}" if bad_text[:1] == ("turns",) and len(bad_text) > 1 else ""
+        where = ": ".join(w for w in (where, keys and f"'{keys}'") if w)
+        raise TrajectoryError(f"{path}: {where} is not valid UTF-8 text (a lone surrogate escape such as \\ud800)")
     bad = sorted(set(raw) - set(TOP_KEYS))
     if bad:
         raise TrajectoryError(f"{path}: unknown key {bad[0]!r} (allowed: {', '.join(TOP_KEYS)})")
@@ -121,6 +180,7 @@ def load_trajectory(path: str | Path) -> Trajectory:
 
 
 def check_roles(traj: Trajectory, roles: list[str]) -> None:
+    """Every generated turn names a role of the bundle (one line naming the file and the turn otherwise)."""
     for i, t in enumerate(traj.turns, 1):
         if t.content is None and t.role not in roles:
             raise TrajectoryError(f"{traj.path}: turn {i}: role {t.role!r} has no adapter in the bundle "
@@ -145,18 +205,27 @@ class TurnResult:
         return dict(self.__dict__)
 
 
-def run_trajectory(engine, traj: Trajectory, on_turn=None) -> list[TurnResult]:
-    """Replay ``traj`` on ``engine``: append given turns, generate the others (each with its role's adapter)."""
+def run_trajectory(engine, traj: Trajectory, on_turn=None, results: list | None = None) -> list[TurnResult]:
+    """Replay ``traj`` on ``engine``: append given turns, generate the others (each with its role's adapter).
+
+    Completed turns are appended to ``results`` (a new list by default) as they finish, so a caller keeps them
+    whatever stops the replay; a turn that cannot run raises :class:`TurnFailed` naming the file and the turn."""
     check_roles(traj, engine.roles)
     messages: list[dict] = []
-    results: list[TurnResult] = []
+    results = [] if results is None else results
     last_role = None
     for i, turn in enumerate(traj.turns, 1):
         if turn.content is not None:
             messages.append({"role": turn.role, "content": turn.content})
             continue
-        ids = engine.render(messages, turn.role)
-        out = engine.generate(ids, turn.role, traj.params(turn))
+        try:
+            ids = engine.render(messages, turn.role)
+            out = engine.generate(ids, turn.role, traj.params(turn))
+        except TURN_ERRORS as e:
+            reason = " ".join(str(e).split()) or type(e).__name__
+            if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+                reason = f"out of memory ({reason[:160]}): lower --cache-tokens or shorten the trajectory"
+            raise TurnFailed(f"{traj.path}: turn {i} ({turn.role}): {reason}", i, turn.role, results) from None
         messages.append({"role": turn.role, "content": out.text.strip()})
         st = engine.stats()
         res = TurnResult(turn=i, role=turn.role, handoff=last_role is not None and last_role != turn.role,
@@ -172,6 +241,43 @@ def run_trajectory(engine, traj: Trajectory, on_turn=None) -> list[TurnResult]:
     return results
 
 
+@dataclass
+class Replay:
+    """What replaying one trajectory on several engines (one per cache mode) produced."""
+    turns: dict[str, list[TurnResult]]      # per mode: the median of its complete runs, else the turns completed
+    errors: dict[str, TurnFailed]           # modes stopped by a turn that could not run
+    interrupted: bool = False               # Ctrl-C stopped the replay (what completed is in ``turns``)
+
+
+def replay(engines: dict, traj: Trajectory, repeat: int = 1) -> Replay:
+    """Replay ``traj`` ``repeat`` times on each engine of ``{mode: engine}``, each time from an empty cache.
+
+    Repeats are interleaved across modes (mode 1, mode 2, ..., mode 1, ...) so that a drift in machine load affects
+    every mode alike. A mode whose turn cannot run stops there, keeping the turns it completed, while the other
+    modes go on; Ctrl-C stops everything, keeping what completed."""
+    full: dict[str, list] = {m: [] for m in engines}
+    partial: dict[str, list] = {}
+    errors: dict[str, TurnFailed] = {}
+    interrupted = False
+    try:
+        for _ in range(repeat):
+            for mode, engine in engines.items():
+                if mode in errors:
+                    continue
+                partial[mode] = done = []
+                engine.clear_cache()
+                try:
+                    run_trajectory(engine, traj, results=done)
+                except TurnFailed as e:
+                    errors[mode] = e
+                    continue
+                full[mode].append(done)
+    except KeyboardInterrupt:
+        interrupted = True
+    turns = {m: median_runs(full[m]) if full[m] else partial[m] for m in engines if full[m] or m in partial}
+    return Replay(turns, errors, interrupted)
+
+
 def median_runs(runs: list[list[TurnResult]]) -> list[TurnResult]:
     """Several replays of one trajectory (fresh cache each): the first run's turns with the median TTFT and decode
     speed per turn (timings on a busy machine are noisy; token counts and outputs are deterministic)."""
@@ -185,6 +291,7 @@ def median_runs(runs: list[list[TurnResult]]) -> list[TurnResult]:
 
 
 def summarize(results: list[TurnResult]) -> dict:
+    """Totals and means over one replay's turns (prefilled / reused tokens, TTFT, decode speed, final cache)."""
     hand = [r.ttft_ms for r in results if r.handoff]
     dec = [r.decode_tok_s for r in results if r.decode_tok_s > 0]
     last = results[-1].cache if results else {}

@@ -5,9 +5,11 @@ Every attempt must end with exit 0 or exit 2; never an exception escaping ``main
 CLI's last-resort handler re-raise, so an unhandled bug fails here instead of hiding as "internal error"); on exit 2
 exactly one stderr line starting with ``error:``; and on exit 2 nothing new in the watched output location.
 
-To add inputs (trajectory JSON, generate flags, ...): write ``gen_x(rng, env) -> Attempt`` and append
-``Case("x", n, gen_x)`` to :data:`CASES`. ``env`` holds a tiny base, a valid bundle, a valid run and a work dir.
-Training and export are stubbed after their validation (``_train`` and the PEFT forward), which is what is fuzzed.
+To add inputs: write ``gen_x(rng, env) -> Attempt`` and append ``Case("x", n, gen_x)`` to :data:`CASES`. ``env``
+holds a tiny base, a valid bundle, a valid run, a work dir, and for the serve commands a servable bundle on the tiny
+base plus two broken copies of that base (no tokenizer; truncated weights). Training and export are stubbed after
+their validation (``_train`` and the PEFT forward), which is what is fuzzed; ``generate`` and ``run`` really run
+(a few tokens on the tiny base).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import yaml
 
 from lragent.bundle import load_bundle, sha256_file, write_bundle
 from lragent.cli import main
+from support.bundles import write_random_bundle
+from support.models import make_random_base
 from test_bundle import synth_bundle
 from test_bundle_helpers import make_run_dir
 
@@ -45,6 +49,10 @@ class Env:
     run: Path
     data: Path
     work: Path
+    serve_bundle: Path | None = None     # a bundle generate / run can serve (on serve_base)
+    serve_base: Path | None = None
+    notok_base: Path | None = None       # serve_base without its tokenizer files
+    trunc_base: Path | None = None       # serve_base with model.safetensors cut in half
     n: int = field(default=0)
 
     def fresh(self) -> Path:
@@ -251,12 +259,122 @@ def gen_run_json(rng: random.Random, env: Env) -> Attempt:
     return Attempt(["export", "--run", str(run), "--out", str(d / "out" / "bundle")], d, what)
 
 
+# -- serve commands: trajectory JSON, generate / run flags -------------------------------------------------------
+
+TRAJECTORY = {"name": "fuzz", "defaults": {"max_new_tokens": 2, "temperature": 0, "stop": []},
+              "turns": [{"role": "user", "content": "find the value of k7 ."}, {"role": "planner"},
+                        {"role": "tool", "content": "db : k7 = 18 ;"}, {"role": "actor", "max_new_tokens": 3}]}
+
+
+def _serve_argv(env: Env, *args) -> list[str]:
+    return [args[0], "--bundle", str(env.serve_bundle), "--no-warmup", *args[1:]]
+
+
+def gen_trajectory(rng: random.Random, env: Env) -> Attempt:
+    d = env.fresh()
+    doc, what = json.loads(json.dumps(TRAJECTORY)), []
+    r = rng.random()
+    if r < 0.45:
+        for _ in range(rng.randint(1, 2)):
+            what.append(_mutate_json(rng, doc))
+    elif r < 0.55:                           # outgrows the context (512) or, with --cache-tokens 128, the pool
+        doc["defaults"] = {"max_new_tokens": rng.choice([40, 60]), "ignore_eos": True}
+        doc["turns"] += [{"role": rl} for rl in ("planner", "actor") * 5]
+        what.append("long")
+    elif r < 0.65:
+        doc["turns"][rng.randrange(4)][rng.choice(["role", "content", "seed", "stop", "top_p"])] = \
+            rng.choice(["\ud800", "x" * 300, "Planner", [1.0, 2.5], 2 ** 64, ["\udcff"], 1e-320])
+        what.append("odd turn value")
+    elif r < 0.72:
+        doc["base"] = rng.choice(JSON_JUNK[4:9] + ["../../etc", str(env.notok_base), str(env.trunc_base)])
+        what.append(f"base={doc['base']!r}"[:40])
+    elif r < 0.8:
+        doc["turns"].append(rng.choice([{"role": "critic"}, {"role": "actor", "logprobs": 3}, [], "planner",
+                                        {"role": "planner", "max_new_tokens": 1.0}]))
+        what.append("odd extra turn")
+    elif r < 0.88:                           # JSON allows lone surrogate escapes; tokenizers refuse them
+        spot = rng.choice(["content", "role", "name", "stop", "key"])
+        if spot == "name":
+            doc["name"] = "a\ud800"
+        elif spot == "stop":
+            doc["defaults"]["stop"] = ["\udcff"]
+        elif spot == "key":
+            doc["turns"][1]["\ud800"] = 1
+        else:
+            doc["turns"][rng.choice([0, 2])][spot] = "x \udcff y"
+        what.append(f"lone surrogate in {spot}")
+    text = json.dumps(doc).encode()
+    r = rng.random()
+    if r < 0.1:
+        text = text[: rng.randrange(len(text))]
+        what.append("truncated")
+    elif r < 0.2:
+        b = bytearray(text)
+        b[rng.randrange(len(b))] = rng.choice([0xFF, 0x80, 0xC3, 0x00])
+        text = bytes(b)
+        what.append("byte flipped")
+    elif r < 0.25:
+        n = rng.choice([900, 100000])
+        text = text[:-1] + b', "description": ' + b"[" * n + b"]" * n + b"}"
+        what.append(f"nested {n} deep")
+    f = d / "trajectory.json"
+    f.write_bytes(text)
+    extra = (["--json"] if rng.random() < 0.4 else []) + (["--cache-tokens", "128"] if rng.random() < 0.2 else [])
+    if rng.random() < 0.1:
+        extra += ["--mode", rng.choice(["all", "nonshared", "x"])]
+    return Attempt(_serve_argv(env, "run", "--trajectory", str(f), *extra), d, "; ".join(what))
+
+
+SERVE_FLAGS = {
+    "--device": ["cpu", "auto", "foo", "cuda", "cuda:7", "meta", "", "cpu:0"],
+    "--attention": ["auto", "torch", "reference", "triton", "flash"],
+    "--temperature": ["0", "0.7", "nan", "inf", "-1", "1e400"],
+    "--top-p": ["0.5", "1", "0", "1.5", "nan"],
+    "--threads": ["1", "0", "-1"],
+    "--seed": ["0", "7", "-1", str(2 ** 63), str(2 ** 64)],
+    "--max-new-tokens": ["1", "3", "0", "-5", "100000"],
+    "--cache-tokens": ["64", "16", "1", "0", "10000000000", str(10 ** 20)],
+    "--block-size": ["1", "16", "0", "-3", "1000000000"],
+    "--max-batch-tokens": ["1", "8", "0"],
+    "--max-num-seqs": ["1", "0"],
+    "--dtype": ["float32", "bfloat16", "float16", "auto", "fp8", "int8", ""],
+    "--mode": ["lrshared", "nonshared", "baseshared", "fullshared", "weird", "all"],
+    "--stop": ["", ".", "\udcff", "k"],
+    "--base": ["BASE", "NOTOK", "TRUNC", "/nonexistent"],
+}
+GENERATE_FLAGS = {"--role": ["planner", "actor", "bogus", "\udcff", "x" * 300],
+                  "--prompt": ["x", "", "\udcff", "find the value of k7 .", "k7 " * 600, "caf\u00e9 \U0001f600"]}
+RUN_FLAGS = {"--repeat": ["0", "2", "-1"]}
+SWITCHES = ["--json", "--ignore-eos", "--raw"]
+
+
+def gen_serve_flags(rng: random.Random, env: Env) -> Attempt:
+    d = env.fresh()
+    if rng.random() < 0.7:
+        cmd, table, args = "generate", {**SERVE_FLAGS, **GENERATE_FLAGS}, ["--prompt", "find the value of k7 ."]
+    else:
+        f = d / "trajectory.json"
+        f.write_text(json.dumps(TRAJECTORY))
+        cmd, table, args = "run", {**SERVE_FLAGS, **RUN_FLAGS}, ["--trajectory", str(f)]
+    bases = {"BASE": env.serve_base, "NOTOK": env.notok_base, "TRUNC": env.trunc_base}
+    for _ in range(rng.randint(1, 3)):
+        flag = rng.choice(list(table))
+        value = rng.choice(table[flag])
+        args += [flag, str(bases.get(value, value))]
+    for switch in SWITCHES:
+        if rng.random() < 0.2 and not (cmd == "run" and switch == "--raw"):
+            args.append(switch)
+    return Attempt(_serve_argv(env, cmd, *args), d, " ".join(args[2:])[:120])
+
+
 CASES: list[Case] = [
     Case("config-overrides", 60, gen_overrides),
     Case("recipe-yaml", 40, gen_recipe),
     Case("jsonl-data", 40, gen_jsonl),
     Case("bundle-files", 150, gen_manifest),
     Case("run-json", 40, gen_run_json),
+    Case("trajectory-json", 40, gen_trajectory),
+    Case("serve-flags", 60, gen_serve_flags),
 ]
 
 
@@ -275,7 +393,19 @@ def env(tmp_path_factory, tiny_base):
                  share_a=("v_proj",))
     data = work / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
-    return Env(base=tiny_base, bundle=bundle, run=run, data=data, work=work)
+    serve_base = make_random_base(work / "serve_base", "gqa16", seed=31)
+    serve_bundle = write_random_bundle(serve_base, work / "serve_bundle", roles=("planner", "actor"), rank=2, seed=32)
+    notok = work / "notok_base"
+    notok.mkdir()
+    for f in serve_base.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, notok / f.name)
+    trunc = work / "trunc_base"
+    shutil.copytree(serve_base, trunc)
+    weights = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    return Env(base=tiny_base, bundle=bundle, run=run, data=data, work=work, serve_bundle=serve_bundle,
+               serve_base=serve_base, notok_base=notok, trunc_base=trunc)
 
 
 @pytest.fixture
