@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    base: str = "embedded"               # local HF model directory, or "embedded" (the shipped tiny Llama)
+    base: str = "embedded"               # local HF model directory, "embedded" (the shipped tiny Llama) or
+                                         # "embedded:<task>" (the base of an embedded task, e.g. embedded:handoff)
     dtype: str = "float32"               # float32 | bfloat16 | float16: dtype of the frozen base weights
     gradient_checkpointing: bool = False
 
@@ -34,12 +35,14 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     share_a: list[str] = field(default_factory=lambda: ["k_proj", "v_proj"])
     init: str = "kaiming"                # kaiming | svd (one-time, shared)
+    layers: list[int] | None = None      # decoder-layer indices to adapt (negative: from the end); null: all
 
 
 @dataclass
 class DataConfig:
-    train: str = "embedded"              # JSONL path, or "embedded" (generate the toy agent task into the run dir)
-    eval: str | None = "embedded"        # JSONL path, "embedded", or null (no held-out evaluation)
+    train: str = "embedded"              # JSONL path, or "embedded[:<task>]" (generate the toy agent task, or the
+                                         # named embedded task, into the run dir)
+    eval: str | None = "embedded"        # JSONL path, "embedded[:<task>]", or null (no held-out evaluation)
     roles: list[str] | None = None       # null: the roles found in the training data, in order of appearance
     max_length: int = 256
     embedded_train_size: int = 500       # embedded task: training records per role
@@ -196,9 +199,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+EMBEDDED = "embedded"
+TASK_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def embedded_task(value: str | None) -> tuple[bool, str | None]:
+    """(whether ``value`` names the embedded default, its task): ``"embedded"`` -> (True, None) (the provider's
+    default task), ``"embedded:<task>"`` -> (True, task), anything else (a path, None) -> (False, None)."""
+    if value == EMBEDDED:
+        return True, None
+    if isinstance(value, str) and value.startswith(EMBEDDED + ":"):
+        return True, value[len(EMBEDDED) + 1:]
+    return False, None
+
+
+def resolve_layers(layers: list[int] | None, n_layers: int) -> list[int]:
+    """The sorted decoder-layer indices that ``lora.layers`` selects in a model of ``n_layers`` layers (None: all;
+    negative indices count from the end). ValueError (one line) for an index out of range or two indices naming
+    the same layer."""
+    if layers is None:
+        return list(range(n_layers))
+    bad = [i for i in layers if not -n_layers <= i < n_layers]
+    if bad:
+        raise ValueError(f"lora.layers: {bad} out of range for a model with {n_layers} decoder layers "
+                         f"(valid: {-n_layers}..{n_layers - 1})")
+    seen: dict[int, int] = {}
+    for i in layers:
+        j = i % n_layers
+        if j in seen:
+            raise ValueError(f"lora.layers: {seen[j]} and {i} are the same decoder layer of a {n_layers}-layer model")
+        seen[j] = i
+    return sorted(seen)
+
+
 def validate(cfg: Config) -> list[str]:
     """Every problem of a filled config, one message each (empty: valid). Checks choices, ranges (positive sizes,
-    finite rates, a 32-bit seed), role names and that share_a / anchor_role refer to what exists."""
+    finite rates, a 32-bit seed), role names, that share_a / anchor_role refer to what exists, that lora.layers has no
+    duplicate index and that ``embedded:<task>`` names a task. (lora.layers is checked against the base model's layer
+    count in ``preflight.check_base_model``.)"""
     e = []
     t, lo, d = cfg.train, cfg.lora, cfg.data
 
@@ -244,6 +282,16 @@ def validate(cfg: Config) -> list[str]:
         bad = [s for s in lo.share_a if s not in lo.targets]
         if bad:
             e.append(f"lora.share_a: {bad} are not in lora.targets {lo.targets}")
+    if isinstance(lo.layers, list):
+        if not lo.layers:
+            e.append("lora.layers: give at least one decoder-layer index (e.g. [-1]), or null for every layer")
+        dup = sorted({i for i in lo.layers if isinstance(i, int) and lo.layers.count(i) > 1})
+        if dup:
+            e.append(f"lora.layers: duplicate indices {dup}")
+    for name, v in (("model.base", cfg.model.base), ("data.train", d.train), ("data.eval", d.eval)):
+        if isinstance(v, str) and v.startswith(EMBEDDED + ":") and not TASK_RE.match(v[len(EMBEDDED) + 1:]):
+            e.append(f"{name}: {v!r} does not name an embedded task (use embedded or embedded:<task>, e.g. "
+                     f"embedded:handoff)")
     from lragent.bundle import BundleError, validate_role_name
     roles = d.roles if isinstance(d.roles, list) else None
     for r in roles or []:

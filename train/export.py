@@ -11,7 +11,9 @@ the bundle tensors, routed to that role). A mismatch raises and nothing is writt
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -168,12 +170,27 @@ def bundle_model(model, bundle: Bundle):
     return model
 
 
+@contextlib.contextmanager
+def _no_missing_keys(role: str):
+    """Raise BundleError when PEFT warns that the adapter lacks tensors for modules it wrapped (its config names
+    more modules than the bundle holds); other warnings pass through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if "missing adapter keys" in str(w.message):
+            raise BundleError(f"peft/{role}: PEFT wraps modules the adapter has no tensors for ("
+                              f"{' '.join(str(w.message).split())[:120]}): its adapter_config.json is wrong")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 @torch.no_grad()
 def verify_peft(bundle_dir: str | Path, base_dir: str | Path, *, tol: float = 1e-5, device: str = "cpu",
                 seed: int = 0) -> dict[str, float]:
     """Load every ``peft/<role>`` of the bundle with PEFT on the base model (fp32) and compare its logits on a
     random probe batch with the bundle's own forward. Error measure: max |logits_peft - logits_bundle| divided by
-    max(1, max |logits_bundle|) (fp32 rounding grows with the logit scale); raise :class:`BundleError` above ``tol``.
+    max(1, max |logits_bundle|) (fp32 rounding grows with the logit scale); raise :class:`BundleError` above ``tol``,
+    or when PEFT reports missing adapter keys (an adapter config naming modules the bundle does not carry).
     Returns {role: max abs logit difference}. Uses one copy of the base weights (PEFT is unloaded first)."""
     from peft import PeftModel
 
@@ -186,10 +203,11 @@ def verify_peft(bundle_dir: str | Path, base_dir: str | Path, *, tol: float = 1e
     pm = None
     for role in bundle.roles:
         path = str(root / "peft" / role)
-        if pm is None:
-            pm = PeftModel.from_pretrained(model, path, adapter_name=role, is_trainable=False)
-        else:
-            pm.load_adapter(path, adapter_name=role, is_trainable=False)
+        with _no_missing_keys(role):
+            if pm is None:
+                pm = PeftModel.from_pretrained(model, path, adapter_name=role, is_trainable=False)
+            else:
+                pm.load_adapter(path, adapter_name=role, is_trainable=False)
         pm.set_adapter(role)
         peft_logits[role] = pm(input_ids=ids).logits.float()
     model = bundle_model(pm.unload(), bundle)

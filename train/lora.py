@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lragent.bundle import lora_scaling, target_of
+from lragent.bundle import layer_of, lora_scaling, target_of
 
-from .config import LoraConfig
+from .config import LoraConfig, resolve_layers
 
 
 @dataclass(kw_only=True)
@@ -95,19 +96,39 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model.get_submodule(parent_name), child
 
 
+_IN_LAYER = re.compile(r"\.layers\.\d+\.")
+
+
+def lora_target_names(linears: list[str], targets: list[str], layers: list[int] | None = None) -> list[str]:
+    """The paths among ``linears`` (the ``nn.Linear`` paths inside a model's decoder layers, in model order) that
+    get LoRA: target ``targets``, in the decoder layers ``layers`` selects (see ``config.resolve_layers``; None:
+    all). ValueError (one line) for a layer index out of range or named twice."""
+    if not linears:
+        return []
+    keep = set(resolve_layers(layers, 1 + max(layer_of(n) for n in linears)))
+    return [n for n in linears if target_of(n) in targets and layer_of(n) in keep]
+
+
+def decoder_linears(model: nn.Module) -> list[str]:
+    """Paths of the ``nn.Linear`` modules inside the decoder layers (``.layers.N.``), in model order."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _IN_LAYER.search(n)]
+
+
 def inject_lora(model: nn.Module, spec: LoraSpec, seed: int = 0) -> dict[str, SharedALoRALinear]:
-    """Replace every target ``nn.Linear`` inside the decoder layers by a :class:`SharedALoRALinear` (in place).
-    Returns {module path (the base Linear's original name): wrapper}. The base model's parameters are frozen."""
+    """Replace every target ``nn.Linear`` inside the decoder layers ``spec.layers`` selects (None: all) by a
+    :class:`SharedALoRALinear` (in place). Returns {module path (the base Linear's original name): wrapper}. The base
+    model's parameters are frozen."""
     for p in model.parameters():
         p.requires_grad_(False)
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and target_of(n) in spec.targets and ".layers." in n]
+    linears = decoder_linears(model)
+    names = lora_target_names(linears, spec.targets)
     if not names:
         raise ValueError(f"no nn.Linear named {spec.targets} inside the model's decoder layers")
     found = {target_of(n) for n in names}
     missing = [t for t in spec.targets if t not in found]
     if missing:
         raise ValueError(f"LoRA targets {missing} are not Linear modules of this model (found {sorted(found)})")
+    names = lora_target_names(linears, spec.targets, spec.layers)
     gen = torch.Generator().manual_seed(seed)
     wrappers = {}
     for name in names:

@@ -15,6 +15,7 @@ import yaml
 from lragent.bundle import BundleError, base_info, check_base, target_of
 
 from .config import Config
+from .lora import decoder_linears, lora_target_names
 
 RESUME_APPLIED = frozenset({
     "train.lr", "train.loraplus_ratio", "train.weight_decay", "train.max_grad_norm", "train.warmup_steps",
@@ -28,9 +29,11 @@ class PreflightError(RuntimeError):
     """A problem found before training started; one line."""
 
 
-def check_base_model(base: Path, targets: list[str]) -> tuple[dict, list[str], object]:
-    """(base info with weights fingerprint, LoRA module paths, tokenizer) for ``base``; PreflightError when its
-    config, weights or tokenizer cannot be used or ``targets`` names no Linear inside its decoder layers."""
+def check_base_model(base: Path, targets: list[str], layers: list[int] | None = None) -> tuple[dict, list[str], object]:
+    """(base info with weights fingerprint, LoRA module paths, tokenizer) for ``base``; the module paths are the
+    ``targets`` in the decoder layers ``layers`` selects (``lora.layers``; None: all). PreflightError when its
+    config, weights or tokenizer cannot be used, ``targets`` names no Linear inside its decoder layers, or
+    ``layers`` holds an index out of range (or two naming the same layer)."""
     import torch
     import transformers
 
@@ -45,12 +48,16 @@ def check_base_model(base: Path, targets: list[str]) -> tuple[dict, list[str], o
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken config
         raise PreflightError(f"model.base {base}: config.json cannot be used ({type(e).__name__}: "
                              f"{' '.join(str(e).split())[:160]})") from None
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    linears = decoder_linears(model)
     found = sorted({target_of(n) for n in linears})
     missing = [t for t in targets if t not in found]
     if missing:
         raise PreflightError(f"lora.targets {missing} name no Linear module inside the decoder layers of {base} "
                              f"(available: {', '.join(found)})")
+    try:
+        modules = lora_target_names(linears, targets, layers)
+    except ValueError as e:
+        raise PreflightError(f"{e} ({base})") from None
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(base))
     except Exception as e:  # noqa: BLE001 - a missing tokenizer surfaces as OSError, ValueError, TypeError, ...
@@ -60,7 +67,7 @@ def check_base_model(base: Path, targets: list[str]) -> tuple[dict, list[str], o
     if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token_id", None) is None:
         raise PreflightError(f"the tokenizer of {base} has neither a pad nor an eos token: set one in its "
                              f"tokenizer_config.json")
-    return info, [n for n in linears if target_of(n) in targets], tok
+    return info, modules, tok
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

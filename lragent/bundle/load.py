@@ -21,8 +21,11 @@ from safetensors.torch import load as load_safetensors
 from .basefp import check_base
 from .fields import parse_manifest
 from .fsutil import MARKER
+from lragent.modes import BY_NAME
+
 from .format import ALLOWED_SUFFIXES, PICKLE_SUFFIXES, Bundle, BundleError, validate_role_name
 from .peftcheck import check_peft_copies
+from .peftlayout import base_layer_count
 
 
 class BundleDir:
@@ -175,7 +178,10 @@ def _check_manifest_matches(root: Path, m: dict, bundle: Bundle) -> None:
         raise BundleError(f"{where}: lora.modules do not match the modules in the tensor files: re-export")
     if m["scaling"] is not None and not abs(m["scaling"] - bundle.scaling) <= 1e-9 * abs(bundle.scaling):
         raise BundleError(f"{where}: lora.scaling {m['scaling']} != {bundle.scaling} from rank/alpha/rule")
-    if m["lrshared_ok"] not in (None, bundle.lrshared_ok) or m["modes"] not in (None, bundle.modes):
+    # modes: a bundle written by another lragent version may list fewer or unknown modes; what it lists must not
+    # claim a mode that needs shared A when the tensors do not share it
+    claims = [x for x in (m["modes"] or []) if x in BY_NAME and BY_NAME[x].needs_shared_a]
+    if m["lrshared_ok"] not in (None, bundle.lrshared_ok) or (claims and not bundle.lrshared_ok):
         raise BundleError(f"{where}: lrshared_ok/modes do not match share_a {bundle.share_a}: re-export")
     dtype = str(bundle.b(bundle.modules[0], bundle.roles[0]).dtype).replace("torch.", "")
     if m["dtype"] not in (None, dtype):
@@ -184,7 +190,7 @@ def _check_manifest_matches(root: Path, m: dict, bundle: Bundle) -> None:
         raise BundleError(f"{where}: a_family_hash does not match the shared A tensors; re-export")
 
 
-def _load_once(d: BundleDir, verify: bool) -> Bundle:
+def _load_once(d: BundleDir, verify: bool, base_dir=None) -> Bundle:
     root = d.root
     manifest = _manifest_from(d)
     m = parse_manifest(manifest, f"{root}/manifest.json")
@@ -214,7 +220,8 @@ def _load_once(d: BundleDir, verify: bool) -> Bundle:
     except BundleError as e:
         raise BundleError(f"{root}: {e}") from None
     _check_manifest_matches(root, m, bundle)
-    check_peft_copies(bundle, {rel: v for rel, v in data.items() if rel.startswith("peft/")})
+    check_peft_copies(bundle, {rel: v for rel, v in data.items() if rel.startswith("peft/")},
+                      base_layer_count(bundle.base, base_dir))
     return bundle
 
 
@@ -227,7 +234,7 @@ def load_bundle(bundle_dir: str | Path, *, base_dir: str | Path | None = None, v
     for attempt in range(2):
         d = BundleDir(root)
         try:
-            bundle = _load_once(d, verify)
+            bundle = _load_once(d, verify, base_dir)
             break
         except (BundleError, OSError) as e:
             if d.replaced():

@@ -8,15 +8,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from .format import Bundle, BundleError
+from .peftlayout import layout_ok
 
 PREFIX = "base_model.model."
 
 
-def check_peft_copies(bundle: Bundle, files: dict[str, bytes]) -> None:
+def check_peft_copies(bundle: Bundle, files: dict[str, bytes], n_layers: int | None = None) -> None:
     """Raise one BundleError line unless, for every role, ``peft/<role>/adapter_config.json`` says r = lora_alpha =
-    the bundle rank (no rsLoRA) and ``adapter_model.safetensors`` holds exactly the bundle's modules with
-    ``lora_A == A`` and ``lora_B == scaling * B`` (bitwise: the writer computes them the same way). ``files`` maps
-    relative paths to the bytes read from the bundle."""
+    the bundle rank (no rsLoRA) and names exactly the bundle's modules (target_modules, layers_to_transform; see
+    ``peftlayout``; ``n_layers``: the base's decoder-layer count, None if unknown), and ``adapter_model.safetensors``
+    holds exactly the bundle's modules with ``lora_A == A`` and ``lora_B == scaling * B`` (bitwise: the writer
+    computes them the same way). ``files`` maps relative paths to the bytes read from the bundle."""
     root = bundle.root
     for role in bundle.roles:
         where = f"{root}/peft/{role}"
@@ -29,6 +31,9 @@ def check_peft_copies(bundle: Bundle, files: dict[str, bytes]) -> None:
         if not ok:
             raise BundleError(f"{where}/adapter_config.json is unreadable or its r/lora_alpha are not the bundle rank "
                               f"{bundle.rank}: re-export the bundle")
+        if not layout_ok(cfg, bundle.modules, n_layers):
+            raise BundleError(f"{where}/adapter_config.json: target_modules / layers_to_transform do not name exactly "
+                              f"the bundle's modules (PEFT would load it with missing keys): re-export the bundle")
         try:
             tensors = load_safetensors(files[f"peft/{role}/adapter_model.safetensors"])
         except (KeyError, SafetensorError, ValueError, RuntimeError) as e:

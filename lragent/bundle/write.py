@@ -11,11 +11,14 @@ import torch
 from safetensors.torch import save_file
 
 from . import fsutil
-from .format import FORMAT_NAME, FORMAT_VERSION, Bundle, BundleError, sha256_file, target_of
+from .format import FORMAT_NAME, FORMAT_VERSION, Bundle, BundleError, sha256_file
+from .peftlayout import base_layer_count, peft_layout
 
 
 def _peft_files(bundle: Bundle, role: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A standard PEFT LoRA adapter for one role: uniform rank, scaling baked into B, lora_alpha == r."""
+    """A standard PEFT LoRA adapter for one role: uniform rank, scaling baked into B, lora_alpha == r; its
+    target_modules (and, for adapters on some decoder layers only, layers_to_transform / layers_pattern) name exactly
+    the bundle's modules (see ``peftlayout``)."""
     tensors = {}
     for module in bundle.modules:
         tensors[f"base_model.model.{module}.lora_A.weight"] = bundle.a(module, role).contiguous()
@@ -23,7 +26,7 @@ def _peft_files(bundle: Bundle, role: str) -> tuple[dict, dict[str, torch.Tensor
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": bundle.rank, "lora_alpha": bundle.rank,
         "use_rslora": False, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "target_modules": sorted({target_of(m) for m in bundle.modules}), "inference_mode": True,
+        **peft_layout(bundle.modules, base_layer_count(bundle.base)), "inference_mode": True,
         "base_model_name_or_path": bundle.base.get("path") or bundle.base.get("name"),
     }
     return config, tensors

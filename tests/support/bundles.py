@@ -13,16 +13,27 @@ from lragent.serve.models import load_config
 def random_bundle(base_dir: str | Path, *, roles=("planner", "actor", "reflector"), rank: int = 8,
                   alpha: float | None = None, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
                   share_a=("k_proj", "v_proj"), seed: int = 0, b_std: float = 0.08, a_std: float | None = None,
-                  identical: bool = False) -> Bundle:
+                  identical: bool = False, layers=None) -> Bundle:
     """A bundle with random A and B (B non-zero, so roles really differ) for every layer of ``targets``.
-    ``identical``: every role gets the same tensors."""
+    ``identical``: every role gets the same tensors. ``layers``: only these decoder layers carry adapters (an
+    iterable of indices, negative from the end; or {target: indices} for per-target layer sets); None: all."""
     cfg = load_config(base_dir)
     dims = cfg.lora_dims
     g = torch.Generator().manual_seed(seed)
     a_std = a_std if a_std is not None else 1.0 / cfg.hidden_size ** 0.5
     shared_a, role_a, role_b = {}, {r: {} for r in roles}, {r: {} for r in roles}
-    for li in range(cfg.num_layers):
+    n = cfg.num_layers
+
+    def carries(li: int, t: str) -> bool:
+        if layers is None:
+            return True
+        chosen = layers.get(t, ()) if isinstance(layers, dict) else layers
+        return li in {i % n for i in chosen}
+
+    for li in range(n):
         for t in targets:
+            if not carries(li, t):
+                continue
             fin, fout = dims[t]
             part = "mlp" if t in ("gate_proj", "up_proj", "down_proj") else "self_attn"
             name = f"model.layers.{li}.{part}.{t}"
