@@ -14,6 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+# One torch thread for everything, module-scoped fixtures included (they run before the per-test fixture below).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
