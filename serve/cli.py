@@ -33,7 +33,7 @@ def _engine_args(p: argparse.ArgumentParser, *, allow_all: bool = False) -> None
     modes = list(MODES) + (["all"] if allow_all else [])
     p.add_argument("--mode", default=None, metavar="|".join(modes),
                    help="cache mode (default: lrshared when the bundle shares A on every cached target, "
-                        "else nonshared)" + ("; all: compare the four modes" if allow_all else ""))
+                        "else nonshared)" + ("; all: compare every mode" if allow_all else ""))
     d = ServeConfig()
     p.add_argument("--dtype", default=d.dtype, help="float32 | float16 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=d.device, help="cpu | cuda[:N] | auto")

@@ -105,23 +105,25 @@ def write_outputs(out: Path, results: dict[str, dict]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 3.6), squeeze=False)
     for ax, (b, summary) in zip(axes[0], results.items()):
         modes = list(summary)
-        groups = ["all"] + list(next(iter(summary.values()))["roles"])
+        first = next(iter(summary.values()))
+        groups = ["all"] + list(first["roles"]) + [f"kind:{k}" for k in first["kinds"]]
         width = 0.8 / len(modes)
         for j, m in enumerate(modes):
             d = summary[m]
-            vals = [d if g == "all" else d["roles"][g] for g in groups]
+            vals = [d if g == "all" else d["kinds"][g[5:]] if g.startswith("kind:") else d["roles"][g] for g in groups]
             ys = [100 * v["exact_match"] for v in vals]
             err = [[max(0.0, 100 * (v["exact_match"] - v["ci95"][0])) for v in vals],
                    [max(0.0, 100 * (v["ci95"][1] - v["exact_match"])) for v in vals]]
             ax.bar([i + j * width for i in range(len(groups))], ys, width, yerr=err, capsize=2, label=m)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], groups)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [g.replace("kind:", "") for g in groups],
+                      rotation=20)
         ax.set_ylim(0, 105)
         ax.set_ylabel("exact match %")
         ax.set_title(Path(b).name)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(out / "eval.png", dpi=110)
 
