@@ -173,3 +173,22 @@ def test_shipped_trajectories_load():
         t = load_trajectory(f)
         gen = [x.role for x in t.turns if x.content is None]
         assert {"planner", "actor", "reflector"} <= set(gen)
+
+
+def test_generate_without_a_chat_template_falls_back_to_the_raw_prompt(paths, capsys, tmp_path):
+    import json as _json
+    import shutil
+    base = tmp_path / "plain-base"
+    shutil.copytree(paths["base"], base)
+    cfg = base / "tokenizer_config.json"
+    doc = _json.loads(cfg.read_text())
+    doc.pop("chat_template", None)
+    cfg.write_text(_json.dumps(doc))
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    rc, out, err = run_cli(capsys, "generate", "--bundle", paths["bundle"], "--base", base, "--role", "actor",
+                           "--prompt", "find the value of k7 .", "--max-new-tokens", "2", "--ignore-eos", "--json",
+                           "--no-warmup")
+    assert rc == 0, err
+    assert "no chat template" in err and "raw text" in err
+    doc = _json.loads(out)
+    assert doc["stats"]["prompt_tokens"] == 6 and len(doc["token_ids"]) == 2     # the 6 words, no template

@@ -315,3 +315,31 @@ def _up(url) -> bool:
         return httpx.get(url + "/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_tokenize_detokenize_and_reset_prefix_cache(lr_server):
+    url = lr_server.url
+    r = httpx.post(url + "/tokenize", json={"model": "actor", "prompt": "find the value of k7 ."}).json()
+    assert r["tokens"] == lr_server.engine.encode("find the value of k7 .") and r["count"] == len(r["tokens"])
+    chat = httpx.post(url + "/tokenize", json={"model": "planner", "messages": USER}).json()
+    assert chat["tokens"] == lr_server.engine.render(USER, "planner")
+    assert httpx.post(url + "/detokenize", json={"model": "actor", "tokens": r["tokens"]}).json()["prompt"] == \
+        lr_server.engine.tokenizer.decode(r["tokens"])
+    client(lr_server).completions.create(model="actor", prompt=[5, 6, 7, 8, 9] * 4, max_tokens=2)
+    assert lr_server.engine.stats()["cached_blocks"]["kv"] > 0
+    assert httpx.post(url + "/reset_prefix_cache").status_code == 200
+    assert lr_server.engine.stats()["cached_blocks"]["kv"] == 0
+
+
+def test_a_dead_engine_loop_is_a_503_not_a_hang(paths):
+    eng = Engine(paths["bundle"], mode="lrshared")
+    with LiveServer(eng) as srv:
+        def broken():
+            raise RuntimeError("simulated engine failure")
+        eng.step = broken                                  # the next step fails inside the loop thread
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "actor", "prompt": [5, 6], "max_tokens": 3},
+                       timeout=30)
+        assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+        assert httpx.get(srv.url + "/health").status_code == 503
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "actor", "prompt": [5, 6], "max_tokens": 3})
+        assert r.status_code == 503
