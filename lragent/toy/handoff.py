@@ -67,6 +67,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .task import read_jsonl, write_jsonl  # noqa: F401  (shared JSONL helpers; re-exported)
+
 TASK = "handoff"
 BASE_NAME = "handoff-llama"   # the shipped base of this task: lragent/toy/assets/handoff-llama
 ROLES = ("planner", "actor", "reflector")
@@ -245,20 +247,6 @@ def make_splits(n_train: int = 2000, n_eval: int = 200, seed: int = 0) -> tuple[
     train = make_records(n_train, seed, "train")
     evals = make_records(n_eval, seed, "eval", exclude_prompts={r["prompt"] for r in train})
     return train, evals
-
-
-def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-    return path
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def write_dataset(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0,
