@@ -10,7 +10,8 @@
     engine.abort(rid)
 
 Every method may be called from any thread (one lock); a server runs ``step`` in one loop thread
-(``lragent.serve.loop.EngineLoop``) while handlers add and abort requests.
+(``lragent.serve.loop.EngineLoop``) while handlers add and abort requests. While an EngineLoop runs, submit through it:
+a ``generate`` call from another thread would step the engine itself and take the loop's outputs.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from .lora import RoleAdapters
 from .memory import check_cache_fits
 from .models import load_config
 from .runner import CacheTensors, ModelRunner
-from .sampling import SamplingParams
+from .sampling import SamplingParams, is_greedy
 from .scheduler import Scheduler
 from .sequence import Completion, RequestOutput, Sequence
 from .tokens import NoChatTemplate, load_tokenizer, render_chat
@@ -164,7 +165,7 @@ class Engine:
             raise ServeError(f"request needs {n - 1} positions but the model's sliding window is {window}; "
                              f"sliding-window attention is not implemented: shorten the prompt")
         gen = None
-        if params.temperature > 0:
+        if not is_greedy(params):
             import torch
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else self._rng.getrandbits(63))
         seq = Sequence(next(self._ids), ids, role, idx, params, gen)
@@ -287,7 +288,9 @@ class Engine:
         with self._lock:
             if name in self.adapters.index:
                 raise ServeError(f"a role named {name!r} is already loaded: unload it first")
-            self.adapters.add_role(name, other, source)
+            busy = set(self.adapters.index.values()) | {s.role_idx for s in self._seqs.values()}
+            free = [i for i in range(len(self.adapters.roles)) if i not in busy]   # unloaded and drained slots
+            self.adapters.add_role(name, other, source, slot=free[0] if free else None)
             self.runner.refresh_adapters()
             self.roles.append(name)
 

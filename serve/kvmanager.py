@@ -8,6 +8,7 @@ A *component* is one prefix-cached block pool and the tensors its blocks index, 
     fullshared  full K/V of whichever role wrote  (.., family)          -
     baseshared  base K/V                          (.., family)          L_k/L_v per role (.., family, role, hash)
     lrshared    base K/V + L_k/L_v, same blocks   (.., A-family)        -
+    lrbase      as lrshared, written by the base  (.., A-family)        -       (writer "base" in the namespace)
 
 Every namespace starts with (component, mode, writer, base fingerprint), so blocks of one mode, writer or base are
 never read by another. A request computes from c = min over components of the reused prefix; a component that

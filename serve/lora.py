@@ -118,10 +118,12 @@ class RoleAdapters:
         self.lr_a_t = [torch.cat([mods[t].a for t in cached]).T.contiguous()
                        if cached and self.shares_cached_a() else None for mods in self.layers]
 
-    def add_role(self, name: str, bundle: Bundle | None = None, source: str | None = None) -> int:
+    def add_role(self, name: str, bundle: Bundle | None = None, source: str | None = None,
+                 slot: int | None = None) -> int:
         """Stack one more adapter: role ``source`` of ``bundle`` (whose base, shared A, modules, rank and scaling the
-        caller checked against this one), or a zero adapter (the base model itself) when ``bundle`` is None.
-        Returns its slot; the role becomes usable under ``name``."""
+        caller checked against this one), or a zero adapter (the base model itself) when ``bundle`` is None; with
+        ``slot``, overwrite that (unused) slot instead of growing the stack. Returns its slot; the role becomes
+        usable under ``name``."""
         s = self.scaling
         h = hashlib.sha256(f"scaling={s!r}".encode())
         for li, mods in enumerate(self.layers):
@@ -136,11 +138,19 @@ class RoleAdapters:
                     a = None if mod.shared else (bundle.a(module, source).float() * s).to(mod.a)[None]
                     _tensor_digest(h, module + ".A", bundle.a(module, source))
                     _tensor_digest(h, module + ".B", bundle.b(module, source))
-                mod.b = torch.cat([mod.b, b]).contiguous()
-                if a is not None:
-                    mod.a = torch.cat([mod.a, a]).contiguous()
-        slot = len(self.roles)
-        self.roles.append(name)
+                if slot is None:
+                    mod.b = torch.cat([mod.b, b]).contiguous()
+                    if a is not None:
+                        mod.a = torch.cat([mod.a, a]).contiguous()
+                else:
+                    mod.b[slot] = b[0]
+                    if a is not None:
+                        mod.a[slot] = a[0]
+        if slot is None:
+            slot = len(self.roles)
+            self.roles.append(name)
+        else:
+            self.roles[slot] = name
         self.index[name] = slot
         self.role_hash[name] = h.hexdigest() if bundle is not None else "zero-adapter"
         self._derive()

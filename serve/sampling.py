@@ -52,11 +52,23 @@ class SamplingParams:
                 raise ServeError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
+GREEDY_BELOW = 1e-5                   # temperatures this small sample the argmax (as vLLM does): no overflow
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < GREEDY_BELOW
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from fp32 logits [vocab]."""
-    if params.temperature == 0:
+    """One token id from fp32 logits [vocab] (float64 softmax of logits / temperature; non-finite logits are never
+    drawn)."""
+    if is_greedy(params):
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    z = logits.double().cpu() / params.temperature
+    z = torch.where(torch.isfinite(z), z, torch.tensor(float("-inf"), dtype=z.dtype))
+    if not torch.isfinite(z).any():
+        return int(torch.argmax(torch.nan_to_num(logits.float(), nan=float("-inf"))))
+    probs = torch.softmax(z, dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         cum = torch.cumsum(sorted_p, dim=-1)

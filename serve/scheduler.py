@@ -16,7 +16,7 @@ import torch
 
 from .kvmanager import KVManager
 from .runner import Batch, CacheTensors, ModelRunner, make_groups
-from .sampling import sample
+from .sampling import is_greedy, sample
 from .sequence import Sequence
 
 
@@ -157,15 +157,23 @@ class Scheduler:
             if seq.num_computed < len(seq):
                 continue                                  # a prefill chunk that is not the last one
             row = logits[li]
-            tok = greedy[li] if seq.params.temperature == 0 else sample(row, seq.params, seq.generator)
             li += 1
-            if seq.params.return_logits:
-                seq.logits.append(row.detach().to("cpu").clone())
-            if seq.params.logprobs is not None:
-                lp = torch.log_softmax(row.float(), dim=-1)
-                top = torch.topk(lp, seq.params.logprobs) if seq.params.logprobs else None
-                seq.logprobs.append((float(lp[tok]), [] if top is None else
-                                     list(zip(top.indices.tolist(), top.values.tolist()))))
+            try:
+                tok = greedy[li - 1] if is_greedy(seq.params) else sample(row, seq.params, seq.generator)
+                if seq.params.return_logits:
+                    seq.logits.append(row.detach().to("cpu").clone())
+                if seq.params.logprobs is not None:
+                    lp = torch.log_softmax(row.float(), dim=-1)
+                    k = min(seq.params.logprobs, lp.shape[-1])
+                    top = torch.topk(lp, k) if k else None
+                    seq.logprobs.append((float(lp[tok]), [] if top is None else
+                                         list(zip(top.indices.tolist(), top.values.tolist()))))
+            except (RuntimeError, ValueError, IndexError):     # one request's failure never stops the engine
+                seq.finish_reason, seq.finish_time, seq.text = "error", now(), seq.detok.text
+                self.kv.finish(seq, publish=False)
+                self.running.remove(seq)
+                touched.append(seq)
+                continue
             seq.output_ids.append(tok)
             if seq.first_token_time is None:
                 seq.first_token_time = now()

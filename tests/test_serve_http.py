@@ -343,3 +343,34 @@ def test_a_dead_engine_loop_is_a_503_not_a_hang(paths):
         assert httpx.get(srv.url + "/health").status_code == 503
         r = httpx.post(srv.url + "/v1/completions", json={"model": "actor", "prompt": [5, 6], "max_tokens": 3})
         assert r.status_code == 503
+
+
+def test_load_unload_cycles_reuse_drained_slots(paths):
+    """Hot-swapping an adapter through load/unload reuses its drained slot: the stacked tensors do not grow."""
+    from lragent.bundle import load_bundle
+    eng = Engine(paths["bundle"], mode="lrshared")
+    own = load_bundle(paths["bundle"])
+    other = Bundle(roles=["tmp"], rank=own.rank, alpha=own.alpha, targets=own.targets, share_a=own.share_a,
+                   shared_a=own.shared_a, role_a={"tmp": dict(own.role_a["actor"])},
+                   role_b={"tmp": dict(own.role_b["actor"])}, base=own.base)
+    path = write_bundle(other, paths["dir"] / "tmp_role", force=True)
+    eng.load_role("tmp", path)
+    n = len(eng.adapters.roles)
+    want = eng.generate([5, 9, 30], "actor", greedy(4)).token_ids
+    for _ in range(4):
+        eng.unload_role("tmp")
+        eng.load_role("tmp", path)
+        assert eng.generate([5, 9, 30], "tmp", greedy(4)).token_ids == want          # the actor's tensors
+    assert len(eng.adapters.roles) == n and eng.adapters.layers[0]["v_proj"].b.shape[0] == n
+
+
+def test_a_tiny_temperature_is_greedy_and_the_engine_survives(lr_server):
+    c = client(lr_server)
+    g = c.completions.create(model="actor", prompt=[5, 9, 30], max_tokens=4, temperature=0,
+                             extra_body={"ignore_eos": True})
+    t = c.completions.create(model="actor", prompt=[5, 9, 30], max_tokens=4, temperature=1e-39,
+                             extra_body={"ignore_eos": True})
+    assert t.choices[0].text == g.choices[0].text
+    r = c.completions.create(model="actor", prompt=[5, 9, 30], max_tokens=2, logprobs=5)
+    assert len(r.choices[0].logprobs.top_logprobs[0]) == 5
+    assert httpx.get(lr_server.url + "/health").status_code == 200

@@ -106,9 +106,14 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int | None = No
             return error_response(503, "the engine loop is not running")
         return JSONResponse({"status": "ok"})
 
+    async def off_loop(fn, *args):
+        """Run ``fn`` (which may wait for the engine lock, held during a step) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
     @app.get("/metrics")
     async def metrics():
-        return Response(state["metrics"].render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(await off_loop(state["metrics"].render),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
@@ -262,7 +267,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int | None = No
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache():
-        engine.clear_cache()
+        await off_loop(engine.clear_cache)
         return PlainTextResponse("OK")
 
     # -- roles at run time ----------------------------------------------------------------------------------
@@ -274,8 +279,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int | None = No
             raise ApiError(400, "give 'lora_name' and 'lora_path' (a bundle directory) as strings")
         name, path = body["lora_name"], body["lora_path"]
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: engine.load_role(name, path, body.get("role")))
+            await off_loop(engine.load_role, name, path, body.get("role"))
         except (ServeError, BundleError) as e:
             raise ApiError(400, f"cannot load {name!r}: {e}", param="lora_path") from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
@@ -289,7 +293,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int | None = No
         if name == base_name:
             raise ApiError(400, "the base model cannot be unloaded", param="lora_name")
         try:
-            engine.unload_role(name)
+            await off_loop(engine.unload_role, name)
         except ServeError as e:
             raise ApiError(404, str(e), param="lora_name", code="model_not_found") from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
