@@ -156,3 +156,16 @@ def test_rng_and_ids_are_per_engine(bundle):
     ta = a.generate([9, 10, 11], "actor", sp).token_ids
     assert ta == b.generate([9, 10, 11], "actor", sp).token_ids                   # same engine seed, same draws
     assert torch.equal(torch.get_rng_state(), state)                            # the global RNG is untouched
+
+
+def test_unloaded_role_finishes_its_requests_in_flight(bundle):
+    eng = Engine(bundle, mode="lrshared")
+    ref = Engine(bundle, mode="lrshared").generate([5, 9, 30, 44], "actor", max_new_tokens=6, ignore_eos=True)
+    rid = eng.add_request([5, 9, 30, 44], "actor", max_new_tokens=6, ignore_eos=True)
+    eng.step()
+    eng.step()
+    eng.unload_role("actor")
+    with pytest.raises(ServeError, match="unknown role"):
+        eng.add_request([5, 9], "actor")
+    _, _, done = drain(eng)
+    assert done[rid].finish_reason == "length" and done[rid].token_ids == ref.token_ids
