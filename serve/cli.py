@@ -132,7 +132,7 @@ def cmd_generate(args) -> int:
     out = engine.generate(ids, role, SamplingParams(**_sampling_overrides(args)))
     st = engine.stats()
     if args.json:
-        print(json.dumps({**out.as_dict(), "mode": engine.mode, "engine": _json_stats(st)}))
+        print(json.dumps({**out.as_dict(), "mode": engine.mode, "engine": st}))
     else:
         print(out.text)
         s = out.stats
@@ -140,10 +140,6 @@ def cmd_generate(args) -> int:
               f"TTFT {s.ttft_s * 1e3:.1f} ms, {s.generated_tokens} tokens at {s.decode_tok_s:.0f} tok/s, "
               f"finish: {out.finish_reason}; {_cache_line(st)}", file=sys.stderr)
     return 0
-
-
-def _json_stats(st: dict) -> dict:
-    return {k: v for k, v in st.items()}
 
 
 # --------------------------------------------------------------------------------------------------------- run

@@ -32,7 +32,7 @@ class Scheduler:
         self.steps = self.preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.kv.check_fits(seq)
+        """Queue a request the engine checked (``KVManager.check_fits``) when it made it."""
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -200,7 +200,3 @@ class Scheduler:
             seq.finish_reason, seq.text = "length", d.text
             return True
         return False
-
-    def abort_all(self) -> None:
-        for seq in list(self.running) + list(self.waiting):
-            self.abort(seq)

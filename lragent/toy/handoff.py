@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .task import read_jsonl, write_jsonl  # noqa: F401  (shared JSONL helpers; re-exported)
+from .task import exact_match, read_jsonl, write_jsonl  # noqa: F401  (shared with the toy task; re-exported)
 
 TASK = "handoff"
 BASE_NAME = "handoff-llama"   # the shipped base of this task: lragent/toy/assets/handoff-llama
@@ -298,14 +298,6 @@ def _content(text: str) -> str:
 def is_well_formed(text: str) -> bool:
     """Whether ``text`` (a completion, with or without ``</s>``) is ``answer <0..15>``."""
     return bool(_FORM.match(_content(text)))
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """Greedy completion equals the reference completion (whitespace-normalised; both must end the turn)."""
-    p, r = prediction.split(), reference.split()
-    if EOS in r:
-        p = p[:p.index(EOS) + 1] if EOS in p else p
-    return p == r
 
 
 def score(records: Sequence[dict], predictions: Sequence[str]) -> dict[str, dict]:

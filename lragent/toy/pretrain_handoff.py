@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Sequence
 
 from lragent.toy import handoff
+from lragent.toy.pretrain_base import encode_doc
+from lragent.toy.pretrain_base import lm_loss as base_lm_loss
 from lragent.toy.tokenizer import vocabulary
 
 DEFAULT_OUT = Path(__file__).parent / "assets" / "handoff-llama"
@@ -71,11 +73,6 @@ def pretrain_docs(rng: random.Random, n: int, p_target: float = 0.5) -> list[Doc
     return [pretrain_doc(handoff.sample_episode(rng), rng, p_target) for _ in range(n)]
 
 
-def encode_doc(doc: Doc, tok) -> tuple[list[int], list[int]]:
-    ids = tok.convert_tokens_to_ids([w for w, _ in doc])
-    return ids, [i if t else -100 for i, (_, t) in zip(ids, doc)]
-
-
 def copy_records(n: int, seed: int, split: str = "probe") -> list[dict]:
     """Held-out task records with the completion replaced by the base's job: ``answer <latest code>``."""
     out = []
@@ -90,17 +87,8 @@ latest_code = handoff.latest_code
 
 # ---------------------------------------------------------------------------------------------------------- probes
 def lm_loss(model, tok, docs: Sequence[Doc], batch_size: int = 64) -> float:
-    import torch
-    from lragent.toy.pretrain_base import collate
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(docs), batch_size):
-            batch = collate([encode_doc(d, tok) for d in docs[i:i + batch_size]], tok.pad_token_id)
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(model(**batch).loss) * n
-            count += n
-    return total / count
+    """Mean next-token loss over the labelled tokens of ``docs`` (the toy base's measure, batches of 64)."""
+    return base_lm_loss(model, tok, docs, batch_size)
 
 
 def probe(model, tok, seed: int, n: int = 100) -> dict:
