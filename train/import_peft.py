@@ -132,14 +132,8 @@ def parse_share(spec: str) -> tuple[str, int | None]:
 
 def linear_shapes(base_dir: str | Path) -> dict[str, tuple[int, int]]:
     """{module path: (in, out)} of the base model's nn.Linear layers inside decoder layers (built on 'meta')."""
-    import transformers
-    try:
-        cfg = transformers.AutoConfig.from_pretrained(str(base_dir))
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(cfg)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken config
-        raise BundleError(f"base model {base_dir}: config.json cannot be used ({type(e).__name__}: "
-                          f"{' '.join(str(e).split())[:160]})") from None
+    from .preflight import meta_model
+    model = meta_model(base_dir, f"base model {base_dir}", BundleError)
     return {n: (m.in_features, m.out_features) for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and ".layers." in n}
 

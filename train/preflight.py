@@ -25,6 +25,20 @@ RESUME_APPLIED = frozenset({
 NOT_COMPARED = frozenset({"output_dir", "model.base"})     # compared as the resolved path / base fingerprint
 
 
+def meta_model(base_dir, label: str, error: type[Exception]):
+    """The base model's module tree built from its config.json on the 'meta' device (no weights read), or one
+    ``error`` line starting with ``label`` when transformers cannot build it."""
+    import torch
+    import transformers
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(base_dir))
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken config
+        raise error(f"{label}: config.json cannot be used ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:160]})") from None
+
+
 class PreflightError(RuntimeError):
     """A problem found before training started; one line."""
 
@@ -34,20 +48,13 @@ def check_base_model(base: Path, targets: list[str], layers: list[int] | None = 
     ``targets`` in the decoder layers ``layers`` selects (``lora.layers``; None: all). PreflightError when its
     config, weights or tokenizer cannot be used, ``targets`` names no Linear inside its decoder layers, or
     ``layers`` holds an index out of range (or two naming the same layer)."""
-    import torch
     import transformers
 
     try:
         info = base_info(base)
     except BundleError as e:
         raise PreflightError(str(e)) from None
-    try:
-        cfg = transformers.AutoConfig.from_pretrained(str(base))
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(cfg)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken config
-        raise PreflightError(f"model.base {base}: config.json cannot be used ({type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:160]})") from None
+    model = meta_model(base, f"model.base {base}", PreflightError)
     linears = decoder_linears(model)
     found = sorted({target_of(n) for n in linears})
     missing = [t for t in targets if t not in found]
