@@ -60,7 +60,7 @@ class WeightReader:
                              f"the file is truncated or corrupt") from None
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise ServeError(f"{name} has shape {list(t.shape)}, expected {list(shape)} from config.json")
-        if not torch.isfinite(t.float() if t.is_floating_point() else t.double()).all():
+        if t.is_floating_point() and not torch.isfinite(t).all():     # in its own dtype: no fp32 copy at load
             raise ServeError(f"base model tensor {name} holds NaN or Inf: the checkpoint is corrupt")
         return t.to(device=self.device, dtype=self.dtype).contiguous()
 
