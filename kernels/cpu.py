@@ -1,28 +1,30 @@
 """A lean torch implementation of the paged Flash-LoRA-Attention call: the CPU fast path beside the references.
 
 ``flash_lora_attention_paged_cpu`` has the signature and semantics of ``flash_lora_attention_paged_ref`` (tested
-against it). It is built for few-token steps over long contexts, where the cost is the number of torch ops:
+against it). Per sequence it reads the rows it attends over, then runs dense attention (``cpu_sdpa.attend``: fused
+flash kernels for prefill chunks, plain matmuls for a few queries; grouped-query heads batched as rows, no K/V
+repetition):
 
-- grouped-query heads are batched as rows (no K/V repetition per query head);
-- the key term is expanded with ONE matmul of the gathered L_k rows against B_k (all KV heads side by side), then
-  rotated into the gathered K in place: with X = L B = [X1 | X2] per head, K' = K + X * cos + [-X2 | X1] * sin
-  (HF rotate_half; cos/sin repeat their halves), i.e. one full-width and two half-width fused multiply-adds. The
-  matmul is the costly step on CPU (K = r is too thin for BLAS to run well), so it is kept H_kv*D wide rather than
-  also producing rotate_half(X) through [B | rotate_half(B)];
-- the value term is never expanded: O = P V + (P L_v) B_v (the Flash-LoRA-Attention reordering), which costs
-  H*Sq*r per key instead of H_kv*D*r;
-- single-query rows (decode) need no mask.
+- base modes: the gathered base K/V;
+- low-rank modes: K' = K + RoPE(L_k B_k) from ONE matmul of the gathered L_k rows against B_k (all KV heads side by
+  side), rotated into the gathered K in place: with X = L B = [X1 | X2] per head, K' = K + X * cos + [-X2 | X1] *
+  sin (HF rotate_half; cos/sin repeat their halves). For a prefill chunk V' = V + L_v B_v is expanded too (the
+  fused kernel needs it); for a few queries without a workspace the value term is never expanded:
+  O = P V + (P L_v) B_v (the Flash-LoRA-Attention reordering, H*Sq*r per key instead of H_kv*D*r).
 
-A serving engine calls :func:`paged_attention_cpu` with three extras made once: ``prepared`` (B laid out per adapter,
-by :func:`prepare_b`, once per engine), ``plan`` (a :class:`Plan`: per-step bookkeeping shared by all layers) and
+A serving engine calls :func:`paged_attention_cpu` with extras made once: ``prepared`` (B laid out per adapter, by
+:func:`prepare_b`, once per engine), ``plan`` (a :class:`Plan`: per-step bookkeeping shared by all layers),
 ``lr_cache`` (the [num_lr_blocks, block_size, m*r] tensor of which ``lr_k_cache`` / ``lr_v_cache`` are views: one
-gather instead of two).
+gather instead of two) and a ``workspace`` (``cpu_workspace.Workspace``: each running request's K'/V' rows, so
+that a step expands only its new positions).
 """
 from __future__ import annotations
 
 import torch
 
 from ._args import check_paged
+from .cpu_sdpa import DECODE_MAX_Q, attend
+from .cpu_workspace import Workspace
 
 
 def prepare_b(b_k: torch.Tensor | None, b_v: torch.Tensor | None) -> dict:
@@ -51,8 +53,9 @@ class Plan:
     (:func:`expand_rope`, what the engine keeps): then the per-sequence rows are views, not copies."""
 
     def __init__(self, block_table, seq_lens, cu_seqlens_q, agent_ids, lr_block_table, block_size, cos=None,
-                 sin=None, n_kv: int = 1):
+                 sin=None, n_kv: int = 1, req_ids: list[int] | None = None):
         self.cu, self.lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+        self.req_ids = req_ids        # per sequence, the request id keying its Workspace entry (None: no workspace)
         self.agents = agent_ids.tolist() if agent_ids is not None else [0] * len(self.lens)
         self.tok = self._token_index(block_table, block_size)
         self.lr_tok = self.tok if lr_block_table is None or lr_block_table is block_table else \
@@ -91,12 +94,12 @@ def flash_lora_attention_paged_cpu(q, k_cache, v_cache, block_table, seq_lens, c
 def paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, lr_v_cache=None, b_v=None,
                         agent_ids=None, lr_block_table=None, lr_k_cache=None, b_k=None, cos=None, sin=None,
                         softmax_scale=None, causal=True, prepared: dict | None = None,
-                        lr_cache: torch.Tensor | None = None, plan: Plan | None = None):
-    """The fast path with the engine's extras (``prepared``, ``plan``, ``lr_cache``; see the module doc); inputs are
-    not checked."""
+                        lr_cache: torch.Tensor | None = None, plan: Plan | None = None,
+                        workspace: Workspace | None = None, layer: int = 0):
+    """The fast path with the engine's extras (``prepared``, ``plan``, ``lr_cache``, and a :class:`Workspace` of
+    expanded K'/V' per request with the ``layer`` index; see the module doc); inputs are not checked."""
     total_q, n_heads, d = q.shape
     n_kv = k_cache.shape[2]
-    group = n_heads // n_kv
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     has_lr = lr_k_cache is not None or lr_v_cache is not None
     if has_lr and prepared is None:
@@ -104,47 +107,96 @@ def paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
     if plan is None:
         plan = Plan(block_table, seq_lens, cu_seqlens_q, agent_ids, lr_block_table, k_cache.shape[1],
                     cos if lr_k_cache is not None else None, sin, n_kv)
-    f32 = q.dtype == torch.float32 and k_cache.dtype == torch.float32
-    k_flat, v_flat = k_cache.reshape(-1, n_kv, d), v_cache.reshape(-1, n_kv, d)    # views for contiguous caches
-    if has_lr:
-        bk, bv = prepared["k"], prepared["v"]
-        if lr_cache is not None:
-            lr_flat = lr_cache.reshape(-1, lr_cache.shape[-1])
-        else:
-            lr_flat = torch.cat([c.reshape(-1, c.shape[-1]) for c in (lr_k_cache, lr_v_cache) if c is not None], 1)
-        r = lr_flat.shape[-1] // ((bk is not None) + (bv is not None))
-    qs = (q if f32 else q.float()) * scale
+    src = _Source(k_cache, v_cache, q.dtype, plan, prepared if has_lr else None, lr_k_cache, lr_v_cache, lr_cache)
     out = torch.empty_like(q)
     for b, n in enumerate(plan.lens):
         q0, q1 = plan.cu[b], plan.cu[b + 1]
         sq = q1 - q0
         if sq == 0:
             continue
-        tok = plan.tok[b]
-        k, v = k_flat.index_select(0, tok), v_flat.index_select(0, tok)          # [n, H_kv, D]
-        if not f32:
-            k, v = k.float(), v.float()
-        if has_lr:
-            a = plan.agents[b]
-            lr = lr_flat.index_select(0, plan.lr_tok[b])                         # [n, m*r] = [L_k | L_v]
-            if not f32:
-                lr = lr.float()
-            if bk is not None:                                                   # K' = K + RoPE(L_k B_k)
-                x = (lr[:, :r] @ bk[a]).view(n, n_kv, 2, d // 2)                 # k is our gathered copy
-                k.addcmul_(x.view(n, n_kv, d), plan.cos[b])
-                k2, sin = k.view(n, n_kv, 2, d // 2), plan.sin[b].view(n, n_kv, 2, d // 2)
-                k2[:, :, 0].addcmul_(x[:, :, 1], sin[:, :, 0], value=-1.0)
-                k2[:, :, 1].addcmul_(x[:, :, 0], sin[:, :, 1])
-        qb = qs[q0:q1].view(sq, n_kv, group, d).permute(1, 2, 0, 3).reshape(n_kv, group * sq, d)
-        s = torch.bmm(qb, k.permute(1, 2, 0))                                   # [H_kv, G*sq, n]
-        if sq > 1 and causal:
-            mask = torch.ones(sq, n, dtype=torch.bool, device=q.device).triu_(n - sq + 1)
-            s = s.view(n_kv, group, sq, n).masked_fill_(mask, float("-inf")).view(n_kv, group * sq, n)
-        p = torch.softmax(s, dim=-1)
-        o = torch.bmm(p, v.transpose(0, 1))                                      # [H_kv, G*sq, D]
-        if has_lr and bv is not None:                                            # + (P L_v) B_v
-            # P times the whole [L_k | L_v] row, then the L_v columns: CPU BLAS is about 2x slower on the
-            # r-wide strided slice than on the full (m*r)-wide row, and the extra columns cost nothing here
-            o = torch.baddbmm(o, torch.matmul(p, lr)[..., -r:], bv[a])
-        out[q0:q1] = o.view(n_kv, group, sq, d).permute(2, 0, 1, 3).reshape(sq, n_heads, d)
+        qb = q[q0:q1] if q.dtype == torch.float32 else q[q0:q1].float()
+        req = plan.req_ids[b] if plan.req_ids is not None else None
+        if has_lr and workspace is not None and req is not None and workspace.reserve(req, n):
+            start = workspace.filled(req, layer)
+            if start < n:
+                workspace.write(req, layer, start, *src.expanded(b, start, n))
+            o = attend(qb, *workspace.rows(req, layer, n), scale, causal)
+        elif has_lr and sq <= DECODE_MAX_Q and src.bv is not None:
+            o = _decode_value_lora(qb, src, b, n, scale, causal)
+        elif has_lr:
+            k, v = src.expanded(b, 0, n)
+            o = attend(qb, k.transpose(0, 1), v.transpose(0, 1), scale, causal)
+        else:
+            k, v = src.base(b, 0, n)
+            o = attend(qb, k.transpose(0, 1), v.transpose(0, 1), scale, causal)
+        out[q0:q1] = o
     return out
+
+
+class _Source:
+    """Reads one sequence's rows from the paged caches (fp32): base K/V, and K' = K + RoPE(L_k B_k),
+    V' = V + L_v B_v in the low-rank modes."""
+
+    def __init__(self, k_cache, v_cache, dtype, plan, prepared, lr_k_cache, lr_v_cache, lr_cache):
+        n_kv, d = k_cache.shape[2], k_cache.shape[3]
+        self.plan, self.n_kv, self.d = plan, n_kv, d
+        self.f32 = dtype == torch.float32 and k_cache.dtype == torch.float32
+        self.k_flat, self.v_flat = k_cache.reshape(-1, n_kv, d), v_cache.reshape(-1, n_kv, d)   # views if contiguous
+        self.bk = self.bv = None
+        if prepared is not None:
+            self.bk, self.bv = prepared["k"], prepared["v"]
+            if lr_cache is not None:
+                self.lr_flat = lr_cache.reshape(-1, lr_cache.shape[-1])
+            else:
+                self.lr_flat = torch.cat([c.reshape(-1, c.shape[-1]) for c in (lr_k_cache, lr_v_cache)
+                                          if c is not None], 1)
+            self.r = self.lr_flat.shape[-1] // ((self.bk is not None) + (self.bv is not None))
+
+    def _f32(self, t):
+        return t if self.f32 else t.float()
+
+    def base(self, b: int, start: int, end: int):
+        """Base K, V [end-start, H_kv, D] of positions start..end-1 of sequence b (our own copies)."""
+        tok = self.plan.tok[b][start:end]
+        return self._f32(self.k_flat.index_select(0, tok)), self._f32(self.v_flat.index_select(0, tok))
+
+    def lowrank(self, b: int, start: int, end: int):
+        """The rows [L_k | L_v] [end-start, m*r] of positions start..end-1 of sequence b."""
+        return self._f32(self.lr_flat.index_select(0, self.plan.lr_tok[b][start:end]))
+
+    def expanded(self, b: int, start: int, end: int, value: bool = True):
+        """K' (and V' when ``value``, else base V) [end-start, H_kv, D] of positions start..end-1 of sequence b."""
+        k, v = self.base(b, start, end)
+        lr, a, r = self.lowrank(b, start, end), self.plan.agents[b], self.r
+        m, n_kv, d = end - start, self.n_kv, self.d
+        if self.bk is not None:              # K' = K + X cos + rotate_half(X) sin, X = L_k B_k (k is our copy)
+            x = (lr[:, :r] @ self.bk[a]).view(m, n_kv, 2, d // 2)
+            cos, sin = self.plan.cos[b][start:end], self.plan.sin[b][start:end].view(m, n_kv, 2, d // 2)
+            k.addcmul_(x.view(m, n_kv, d), cos)
+            k2 = k.view(m, n_kv, 2, d // 2)
+            k2[:, :, 0].addcmul_(x[:, :, 1], sin[:, :, 0], value=-1.0)
+            k2[:, :, 1].addcmul_(x[:, :, 0], sin[:, :, 1])
+        if value and self.bv is not None:    # V' = V + L_v B_v, all KV heads in one batched matmul
+            v.transpose(0, 1).baddbmm_(lr[:, -r:].expand(n_kv, m, r), self.bv[a])
+        return k, v
+
+
+def _decode_value_lora(qb, src, b, n, scale, causal):
+    """A few queries without a workspace: K' expanded, the value term never: O = P V + (P L_v) B_v (the
+    Flash-LoRA-Attention reordering, H*sq*r per key instead of H_kv*D*r)."""
+    sq, h, d = qb.shape
+    n_kv = src.n_kv
+    g = h // n_kv
+    k, v = src.expanded(b, 0, n, value=False)
+    lr = src.lowrank(b, 0, n)
+    qg = (qb * scale).view(sq, n_kv, g, d).permute(1, 2, 0, 3).reshape(n_kv, g * sq, d)
+    s = torch.bmm(qg, k.permute(1, 2, 0))                                             # [H_kv, G*sq, n]
+    if sq > 1 and causal:
+        mask = torch.ones(sq, n, dtype=torch.bool, device=qb.device).triu_(n - sq + 1)
+        s = s.view(n_kv, g, sq, n).masked_fill_(mask, float("-inf")).view(n_kv, g * sq, n)
+    p = torch.softmax(s, dim=-1)
+    o = torch.bmm(p, v.transpose(0, 1))
+    # P times the whole [L_k | L_v] row, then the L_v columns: CPU BLAS is about 2x slower on the r-wide strided
+    # slice than on the full (m*r)-wide row, and the extra columns cost nothing here
+    o = torch.baddbmm(o, torch.matmul(p, lr)[..., -src.r:], src.bv[src.plan.agents[b]])
+    return o.view(n_kv, g, sq, d).permute(2, 0, 1, 3).reshape(sq, h, d)

@@ -18,6 +18,7 @@ import torch
 
 from lragent import kernels
 from lragent.kernels.cpu import Plan, expand_rope, paged_attention_cpu, prepare_b
+from lragent.kernels.cpu_workspace import Workspace
 
 from .config import ServeError
 
@@ -31,6 +32,17 @@ class AttentionBackend:
         self.n_kv, self.block_size, self.lowrank, self.key_lora = n_kv, block_size, lowrank, key_lora
         self.b_heads: list[dict] = []
         self.cos = self.sin = None
+
+    def release(self, request_id: int) -> None:
+        """Forget per-request state of a request that finished, was aborted or preempted (none by default)."""
+
+    def clear(self) -> None:
+        """Forget every request's state."""
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes of per-request state held now (0 by default)."""
+        return 0
 
     def prepare(self, b_heads: list[dict], cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Per layer {"b_k"/"b_v": [N, H_kv, r, D]} and the RoPE tables [P, D] in the model dtype."""
@@ -67,8 +79,25 @@ class KernelBackend(AttentionBackend):
 
 
 class TorchBackend(AttentionBackend):
-    """The torch fast path (``lragent.kernels.cpu``) with B and the RoPE tables laid out once."""
+    """The torch fast path (``lragent.kernels.cpu``) with B and the RoPE tables laid out once and, in the low-rank
+    modes, a workspace of each running request's expanded K'/V' (``lragent.kernels.cpu_workspace``)."""
     name = "torch"
+
+    def __init__(self, *, workspace: Workspace | None = None, **kw):
+        super().__init__(**kw)
+        self.workspace = workspace if self.lowrank else None
+
+    def release(self, request_id):
+        if self.workspace is not None:
+            self.workspace.release(request_id)
+
+    def clear(self):
+        if self.workspace is not None:
+            self.workspace.clear()
+
+    @property
+    def workspace_bytes(self):
+        return 0 if self.workspace is None else self.workspace.bytes
 
     def prepare(self, b_heads, cos, sin):
         super().prepare(b_heads, cos, sin)
@@ -77,13 +106,13 @@ class TorchBackend(AttentionBackend):
 
     def plan(self, batch):
         return Plan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, batch.agent_ids, batch.lr_block_table,
-                    self.block_size, *self.rope_kv, self.n_kv)
+                    self.block_size, *self.rope_kv, self.n_kv, req_ids=batch.seq_ids)
 
     def __call__(self, plan, layer, q, cache, batch, lowrank=True):
         kw = {}
         if self.lowrank and lowrank:
             kw = dict(self.lowrank_args(layer, cache, batch), prepared=self.prepared[layer],
-                      lr_cache=cache.lr_layers[layer])
+                      lr_cache=cache.lr_layers[layer], workspace=self.workspace, layer=layer)
         return paged_attention_cpu(q, cache.k[layer], cache.v[layer], batch.block_table, batch.seq_lens,
                                    batch.cu_seqlens_q, softmax_scale=q.shape[-1] ** -0.5, plan=plan, **kw)
 
@@ -92,8 +121,9 @@ BACKENDS = ("auto", "torch", "triton", "reference")
 
 
 def make_backend(name: str, device: torch.device, *, head_dim: int, rank: int, n_kv: int, block_size: int,
-                 lowrank: bool, key_lora: bool) -> AttentionBackend:
-    """The backend object for a name (auto: triton on CUDA when the kernel supports the shape, else torch)."""
+                 lowrank: bool, key_lora: bool, num_layers: int = 1, workspace_tokens: int = 0) -> AttentionBackend:
+    """The backend object for a name (auto: triton on CUDA when the kernel supports the shape, else torch);
+    ``workspace_tokens`` > 0 gives the torch backend a per-request K'/V' workspace of that many rows in all."""
     if name not in BACKENDS:
         raise ServeError(f"unknown attention backend {name!r}: use one of {', '.join(BACKENDS)}")
     why = kernels.triton_unsupported(head_dim, rank, key_lora)
@@ -112,4 +142,5 @@ def make_backend(name: str, device: torch.device, *, head_dim: int, rank: int, n
         return KernelBackend(kernels.flash_lora_attention_paged, "triton", **kw)
     if name == "reference":
         return KernelBackend(kernels.flash_lora_attention_paged_ref, "reference", **kw)
-    return TorchBackend(**kw)
+    ws = Workspace(num_layers, n_kv, head_dim, workspace_tokens, device) if lowrank and workspace_tokens else None
+    return TorchBackend(workspace=ws, **kw)

@@ -42,6 +42,9 @@ def _engine_args(p: argparse.ArgumentParser, *, allow_all: bool = False) -> None
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
                    help="tokens per engine step (longer prompts are prefilled in chunks)")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences running at once")
+    p.add_argument("--workspace-tokens", type=int, default=d.workspace_tokens,
+                   help="low-rank modes, torch attention: rows of expanded K'/V' kept for running requests "
+                        "(default: --cache-tokens; 0: none, re-expand every step)")
     p.add_argument("--attention", default=d.attention, help=" | ".join(ATTENTION_BACKENDS))
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -72,7 +75,8 @@ def serve_config(args, mode) -> ServeConfig:
         torch.set_num_threads(args.threads)
     return ServeConfig(mode=mode, dtype=args.dtype, device=args.device, block_size=args.block_size,
                        cache_tokens=args.cache_tokens, max_batch_tokens=args.max_batch_tokens,
-                       max_num_seqs=args.max_num_seqs, attention=args.attention)
+                       max_num_seqs=args.max_num_seqs, attention=args.attention,
+                       workspace_tokens=args.workspace_tokens)
 
 
 def _make_engine(args, mode, base=None) -> Engine:

@@ -29,6 +29,8 @@ class ServeConfig:
     max_batch_tokens: int = 512      # tokens per engine step (longer prompts are prefilled in chunks)
     max_num_seqs: int = 64           # sequences running at once
     attention: str = "auto"          # auto | torch | triton | reference
+    workspace_tokens: int | None = None  # torch backend, low-rank modes: bound on the running requests' expanded
+                                         # K'/V' rows (None: cache_tokens; 0: no workspace, re-expand every step)
     seed: int | None = None          # engine RNG for requests without a seed (None: from the OS)
 
     def __post_init__(self):
@@ -47,6 +49,9 @@ class ServeConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 bad.append(f"{name} must be a positive integer, got {v!r}")
+        w = self.workspace_tokens
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+            bad.append(f"workspace_tokens must be a non-negative integer, got {w!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2 ** 63):
             bad.append(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
@@ -64,6 +69,11 @@ class ServeConfig:
     @property
     def num_blocks(self) -> int:
         return max(1, math.ceil(self.cache_tokens / self.block_size))
+
+    @property
+    def workspace_rows(self) -> int:
+        """The workspace bound in tokens (``workspace_tokens``, or the cache capacity when unset)."""
+        return self.num_blocks * self.block_size if self.workspace_tokens is None else self.workspace_tokens
 
     def torch_device(self) -> torch.device:
         """The device to serve on (auto: CUDA when available)."""

@@ -100,7 +100,7 @@ class Engine:
         self._build_cache()
         self.runner = ModelRunner(self.base_dir, self.cfg, self.adapters, lowrank=self.lowrank, dtype=self.dtype,
                                   device=self.device, attention=config.attention, block_size=self.block_size,
-                                  writer=self.mode_row.writer)
+                                  writer=self.mode_row.writer, workspace_tokens=config.workspace_rows)
         eos = set(self.cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -315,6 +315,7 @@ class Engine:
                        rank=a.rank, lowrank_targets=a.cached_targets() if self.lowrank else [],
                        bytes_per_token_base=2 * c.d_kv * elem * c.num_layers,
                        bytes_per_token_lowrank=m * a.rank * elem * c.num_layers, steps=self.scheduler.steps,
+                       workspace_bytes=self.runner.backend.workspace_bytes,
                        running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                        preemptions=self.scheduler.preemptions)
         return out

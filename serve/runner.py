@@ -35,6 +35,7 @@ class Batch:
     lr_roles: torch.Tensor | None = None     # [W'] role index of each lr row (baseshared with per-role A)
     max_q: int = 0                            # host-side maxima (the kernel then needs no device sync)
     max_k: int = 0
+    seq_ids: list[int] | None = None          # request id per sequence (keys per-request backend state)
 
 
 def make_groups(roles: list[int], device) -> Groups:
@@ -66,7 +67,8 @@ def last_rows_batch(batch: Batch) -> Batch | None:
                  block_table=batch.block_table[sel], agent_ids=agents, kv_rows=empty, kv_slots=empty,
                  logits_rows=torch.arange(len(seqs), device=dev),
                  lr_block_table=None if batch.lr_block_table is None else batch.lr_block_table[sel],
-                 lr_rows=empty, lr_slots=empty, lr_roles=empty, max_q=1, max_k=int(lens.max()))
+                 lr_rows=empty, lr_slots=empty, lr_roles=empty, max_q=1, max_k=int(lens.max()),
+                 seq_ids=None if batch.seq_ids is None else [batch.seq_ids[b] for b in seqs])
 
 
 class CacheTensors:
@@ -145,14 +147,15 @@ class ModelRunner:
     """The model family's decoder, the role adapters and the attention backend, on one device and dtype."""
 
     def __init__(self, model_dir, cfg: ModelConfig, adapters: RoleAdapters, *, lowrank: bool, dtype, device,
-                 attention: str = "auto", block_size: int = 16, writer: str = "role"):
+                 attention: str = "auto", block_size: int = 16, writer: str = "role", workspace_tokens: int = 0):
         self.cfg, self.adapters, self.lowrank, self.writer = cfg, adapters, lowrank, writer
         self.observer = None       # optional callable(layer, x, k, v, batch) seeing every layer's inputs (drift)
         self.dtype, self.device = dtype, torch.device(device)
         self.model = build_model(model_dir, cfg, dtype=dtype, device=self.device)
         key_lora = lowrank and "k_proj" in adapters.cached_targets()
         self.backend = make_backend(attention, self.device, head_dim=cfg.head_dim, rank=adapters.rank,
-                                    n_kv=cfg.num_kv_heads, block_size=block_size, lowrank=lowrank, key_lora=key_lora)
+                                    n_kv=cfg.num_kv_heads, block_size=block_size, lowrank=lowrank, key_lora=key_lora,
+                                    num_layers=cfg.num_layers, workspace_tokens=workspace_tokens)
         self.attention = self.backend.name
         self.cos = self.sin = torch.empty(0, cfg.head_dim)
         self.refresh_adapters()

@@ -44,9 +44,14 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.kv.finish(seq, publish=False)
+        self._release(seq, publish=False)
         seq.finish_reason = seq.finish_reason or "abort"
         seq.finish_time = time.perf_counter()
+
+    def _release(self, seq: Sequence, *, publish: bool = True) -> None:
+        """Free the blocks and the backend's per-request state of a sequence that stops running."""
+        self.kv.finish(seq, publish=publish)
+        self.runner.backend.release(seq.id)
 
     # -- admission and planning ---------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -58,7 +63,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.kv.finish(seq, publish=True)               # its computed blocks stay reusable until evicted
+        self._release(seq, publish=True)               # its computed blocks stay reusable until evicted
         seq.num_computed, seq.preemptions = 0, seq.preemptions + 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
@@ -125,7 +130,7 @@ class Scheduler:
                       seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev), block_table=table(tables),
                       agent_ids=torch.tensor([s.role_idx for s, _ in plan], dtype=torch.int32, device=dev),
                       kv_rows=long(kv_rows), kv_slots=long(kv_slots), logits_rows=long(logit_rows),
-                      max_q=max(n for _, n in plan), max_k=max(lens))
+                      max_q=max(n for _, n in plan), max_k=max(lens), seq_ids=[s.id for s, _ in plan])
         if self.lr_comp is not None:
             batch.lr_block_table = table(lr_tables) if self.lr_comp != 0 else batch.block_table
             batch.lr_rows, batch.lr_slots = long(lr_rows), long(lr_slots)
@@ -144,7 +149,7 @@ class Scheduler:
             if self.waiting and not self.running:        # cannot happen for a request that passed check_fits;
                 seq = self.waiting.popleft()             # never spin on it: finish it with an error
                 seq.finish_reason, seq.finish_time = "error", time.perf_counter()
-                self.kv.finish(seq, publish=False)
+                self._release(seq, publish=False)
                 return [seq]
             return []
         logits = self.runner.forward(self._batch(plan), self.cache)
@@ -170,7 +175,7 @@ class Scheduler:
                                          list(zip(top.indices.tolist(), top.values.tolist()))))
             except (RuntimeError, ValueError, IndexError):     # one request's failure never stops the engine
                 seq.finish_reason, seq.finish_time, seq.text = "error", now(), seq.detok.text
-                self.kv.finish(seq, publish=False)
+                self._release(seq, publish=False)
                 self.running.remove(seq)
                 touched.append(seq)
                 continue
@@ -183,7 +188,7 @@ class Scheduler:
             touched.append(seq)
             if self._check_stop(seq, tok):
                 seq.finish_time = now()
-                self.kv.finish(seq)
+                self._release(seq)
                 self.running.remove(seq)
         return touched
 

@@ -100,3 +100,27 @@ def test_engine_on_cuda_matches_cpu(bundle, mode):
     gpu = gpu_engine.generate(prompt, "actor", sp)
     assert gpu.token_ids == cpu.token_ids
     assert (gpu.logits - cpu.logits).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("mode", ["lrshared", "lrbase", "baseshared"])
+def test_engine_workspace_matches_no_workspace(bundle, mode):
+    """The torch backend's per-request K'/V' workspace changes no output (long prompts run as several chunks, then
+    a hand-off to another role over the cached prefix), counts its bytes while a request runs and frees them."""
+    prompt = [1] + [5 + (i * 7) % 40 for i in range(60)]
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True, return_logits=True)
+    outs = {}
+    for ws in (0, None):
+        eng = Engine(bundle, mode=mode, attention="torch", block_size=8, max_batch_tokens=24, workspace_tokens=ws)
+        a = eng.generate(prompt, "planner", sp)
+        b = eng.generate(prompt + a.token_ids + [9, 11, 30], "actor", sp)
+        outs[ws] = (a, b)
+        assert eng.stats()["workspace_bytes"] == 0                    # freed when the requests finished
+        if ws is None:
+            rid = eng.add_request(prompt, "actor", max_new_tokens=3, ignore_eos=True)
+            eng.step()
+            assert eng.stats()["workspace_bytes"] > 0
+            eng.abort(rid)
+            assert eng.stats()["workspace_bytes"] == 0
+    for x, y in zip(outs[0], outs[None]):
+        assert x.token_ids == y.token_ids
+        assert (x.logits - y.logits).abs().max().item() <= 1e-4

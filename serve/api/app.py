@@ -192,9 +192,9 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int | None = No
         c = last.completion
         tok = engine.tokenizer
         if req.kind == "completion":
-            lp = P.completion_logprobs(tok, lps, ids, 0) if req.logprobs is not None else None
+            lp = P.completion_logprobs(tok, lps, ids, 0, req.token_ids_out) if req.logprobs is not None else None
             return P.completion_response(req, c.text, c.finish_reason, c.stats, lp)
-        lp = P.chat_logprobs(tok, lps, ids) if req.logprobs is not None else None
+        lp = P.chat_logprobs(tok, lps, ids, req.token_ids_out) if req.logprobs is not None else None
         return P.chat_response(req, c.text, c.finish_reason, c.stats, lp)
 
     async def sse(req: P.GenRequest, stream):
@@ -208,8 +208,9 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int | None = No
             async for o in stream:
                 lp = None
                 if req.logprobs is not None and o.new_token_ids:
-                    lp = (P.completion_logprobs(tok, o.new_logprobs, o.new_token_ids, offset)
-                          if req.kind == "completion" else P.chat_logprobs(tok, o.new_logprobs, o.new_token_ids))
+                    lp = (P.completion_logprobs(tok, o.new_logprobs, o.new_token_ids, offset, req.token_ids_out)
+                          if req.kind == "completion" else
+                          P.chat_logprobs(tok, o.new_logprobs, o.new_token_ids, req.token_ids_out))
                 if o.new_text or lp:
                     yield event(P.chunk(req, text=o.new_text, logprobs=lp))
                     offset += len(o.new_text)

@@ -26,6 +26,8 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.cache = Gauge("lragent_cache_bytes", "Cache pool bytes by component", ["component"], registry=r)
         self.preemptions = Gauge("lragent_preemptions", "Sequences preempted so far", registry=r)
+        self.workspace = Gauge("lragent_workspace_bytes", "Expanded K'/V' rows held for running requests (low-rank "
+                               "modes)", registry=r)
 
     def finished(self, completion) -> None:
         """Count one finished request (called from the engine loop thread)."""
@@ -44,6 +46,7 @@ class Metrics:
         self.running.set(st["running"])
         self.waiting.set(st["waiting"])
         self.preemptions.set(st["preemptions"])
+        self.workspace.set(st["workspace_bytes"])
         for comp in ("base", "lowrank", "free"):
             self.cache.labels(comp).set(st[f"{comp}_bytes"])
         return generate_latest(self.registry)

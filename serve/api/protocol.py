@@ -28,6 +28,7 @@ class GenRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None           # completions: top-N; chat: top_logprobs when logprobs is true
+    token_ids_out: bool = False           # return_tokens_as_token_ids: logprobs name tokens "token_id:N"
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
@@ -122,6 +123,7 @@ def parse_completion(body) -> GenRequest:
     sampling["max_new_tokens"] = _int(body, "max_tokens", 16, 1)
     logprobs = _int(body, "logprobs", None, 0, 5)
     req = GenRequest("completion", model, prompt, None, sampling, logprobs=logprobs,
+                     token_ids_out=_get(body, "return_tokens_as_token_ids", (bool,), False),
                      id=f"cmpl-{uuid.uuid4().hex}")
     _stream(req, body)
     return req
@@ -168,7 +170,8 @@ def parse_chat(body) -> GenRequest:
         logprobs = _int(body, "top_logprobs", 0, 0, 20)
     elif body.get("top_logprobs") is not None:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    req = GenRequest("chat", model, None, out, sampling, logprobs=logprobs, id=f"chatcmpl-{uuid.uuid4().hex}")
+    req = GenRequest("chat", model, None, out, sampling, logprobs=logprobs, id=f"chatcmpl-{uuid.uuid4().hex}",
+                     token_ids_out=_get(body, "return_tokens_as_token_ids", (bool,), False))
     _stream(req, body)
     return req
 
@@ -184,25 +187,31 @@ def usage(stats) -> dict:
             "prompt_tokens_details": {"cached_tokens": stats.reused_tokens}}
 
 
-def completion_logprobs(tok, lps, ids, offset0: int) -> dict | None:
-    """Legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+def token_name(tok, i: int, as_id: bool = False) -> str:
+    """How logprobs name token ``i``: its text, or ``"token_id:i"`` (return_tokens_as_token_ids)."""
+    return f"token_id:{i}" if as_id else tok.decode([i])
+
+
+def completion_logprobs(tok, lps, ids, offset0: int, as_ids: bool = False) -> dict | None:
+    """Legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset (offsets into the text)."""
     if lps is None:
         return None
-    tokens = [tok.decode([i]) for i in ids]
+    texts = [tok.decode([i]) for i in ids]
     offsets, off = [], offset0
-    for t in tokens:
+    for t in texts:
         offsets.append(off)
         off += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp for lp, _ in lps],
-            "top_logprobs": [{tok.decode([i]): v for i, v in top} for _, top in lps], "text_offset": offsets}
+    return {"tokens": [f"token_id:{i}" for i in ids] if as_ids else texts, "token_logprobs": [lp for lp, _ in lps],
+            "top_logprobs": [{token_name(tok, i, as_ids): v for i, v in top} for _, top in lps],
+            "text_offset": offsets}
 
 
-def chat_logprobs(tok, lps, ids) -> dict | None:
+def chat_logprobs(tok, lps, ids, as_ids: bool = False) -> dict | None:
     if lps is None:
         return None
 
     def entry(i, lp):
-        s = tok.decode([i])
+        s = token_name(tok, i, as_ids)
         return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
     return {"content": [{**entry(i, lp), "top_logprobs": [entry(j, v) for j, v in top]}
                         for i, (lp, top) in zip(ids, lps)]}

@@ -1,0 +1,104 @@
+"""The CPU fast path's dense attention (fused split, masked fallback, matmul) and its per-request workspace, held to
+float64 references."""
+import pytest
+import torch
+
+from lragent.kernels import cpu_sdpa
+from lragent.kernels import flash_lora_attention_paged_ref
+from lragent.kernels.cpu import Plan, paged_attention_cpu
+from lragent.kernels.cpu_workspace import Workspace
+from support.kernels import make_paged, to_float64
+
+
+def dense_ref(q, k, v, scale):
+    """softmax(q k^T scale, causal bottom-right) v in float64; q [sq, H, D], k/v [H_kv, n, D]."""
+    sq, h, d = q.shape
+    n_kv, n = k.shape[:2]
+    kk = k.double().repeat_interleave(h // n_kv, 0)
+    vv = v.double().repeat_interleave(h // n_kv, 0)
+    s = torch.einsum("qhd,hkd->hqk", q.double(), kk) * scale
+    s = s.masked_fill(torch.ones(sq, n, dtype=torch.bool).triu(n - sq + 1), float("-inf"))
+    return torch.einsum("hqk,hkd->qhd", torch.softmax(s, -1), vv)
+
+
+@pytest.mark.parametrize("sq,n", [(1, 40), (5, 30), (20, 20), (20, 57), (9, 300), (64, 64), (33, 1000)])
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (8, 1)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_attend_matches_float64(sq, n, heads, fused, monkeypatch):
+    if not fused:
+        monkeypatch.setattr(cpu_sdpa, "_FLASH", None)     # the public masked-SDPA fallback
+    elif not cpu_sdpa.flash_available():
+        pytest.skip("this PyTorch build has no CPU flash op")
+    g = torch.Generator().manual_seed(sq * 1000 + n)
+    h, h_kv = heads
+    q = torch.randn(sq, h, 32, generator=g)
+    kv = torch.randn(n, 2, h_kv, 32, generator=g)
+    k, v = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)          # strided views, as the engine passes them
+    out = cpu_sdpa.attend(q, k, v, 32 ** -0.5)
+    assert (out.double() - dense_ref(q, k, v, 32 ** -0.5)).abs().max().item() <= 2e-5
+
+
+def test_attend_split_path_is_taken():
+    """Chunks longer than DECODE_MAX_Q with a prefix run the fused split (else the test above would not cover it)."""
+    if not cpu_sdpa.flash_available():
+        pytest.skip("this PyTorch build has no CPU flash op")
+    calls = []
+    real = cpu_sdpa._FLASH
+    cpu_sdpa._FLASH = lambda *a, **kw: calls.append(kw.get("is_causal", False)) or real(*a, **kw)
+    try:
+        cpu_sdpa.attend(torch.randn(12, 4, 16), torch.randn(2, 50, 16), torch.randn(2, 50, 16), 0.25)
+    finally:
+        cpu_sdpa._FLASH = real
+    assert calls == [True, False]                         # diagonal (causal), then the maskless prefix
+
+
+def steps_of(total, chunks):
+    """(start, end) query ranges of a sequence of ``total`` tokens run as prefill chunks then decode steps."""
+    out, pos = [], 0
+    for c in chunks:
+        out.append((pos, pos + c))
+        pos += c
+    while pos < total:
+        out.append((pos, pos + 1))
+        pos += 1
+    return out
+
+
+@pytest.mark.parametrize("key_lora", [True, False])
+def test_workspace_steps_match_reference(key_lora):
+    """A request run as prefill chunks then decode steps, with a workspace that fills as it goes (and one that
+    starts after a reused prefix, the hand-off), equals the float64 reference at every step; the workspace is
+    bounded and freed."""
+    n_total, h, h_kv, d, r = 70, 4, 2, 32, 8
+    p = make_paged([n_total], [n_total], h, h_kv, d, r, key_lora=key_lora, block_size=8, seed=3)
+    q_all = p.pop("q")
+    ws = Workspace(num_layers=2, n_kv=h_kv, head_dim=d, max_tokens=200)
+    for req, chunks in ((7, [16, 24]), (8, [50])):       # 8 starts with 0 rows filled at position 50's chunk
+        for start, end in steps_of(n_total, chunks):
+            if req == 8 and start == 0:
+                start = 40                               # 40 reused positions never expanded before
+            q = q_all[start:end]
+            kw = dict(p, seq_lens=torch.tensor([end], dtype=torch.int32),
+                      cu_seqlens_q=torch.tensor([0, end - start], dtype=torch.int32))
+            ref = flash_lora_attention_paged_ref(q.double(), **to_float64(kw))
+            plain = paged_attention_cpu(q, **kw)
+            plan = Plan(kw["block_table"], kw["seq_lens"], kw["cu_seqlens_q"], kw["agent_ids"],
+                        kw.get("lr_block_table"), 8, kw.get("cos"), kw.get("sin"), h_kv, req_ids=[req])
+            for layer in (0, 1):
+                out = paged_attention_cpu(q, **kw, plan=plan, workspace=ws, layer=layer)
+                assert (out.double() - ref).abs().max().item() <= 3e-5
+                assert (out - plain).abs().max().item() <= 3e-5
+            assert ws.filled(req, 1) == end
+        assert ws.tokens >= n_total
+    assert ws.tokens <= 200
+    ws.release(7)
+    ws.release(8)
+    assert ws.tokens == 0 and ws.bytes == 0
+
+
+def test_workspace_bound_falls_back():
+    """A request that does not fit the bound gets no workspace and the same output."""
+    ws = Workspace(num_layers=1, n_kv=1, head_dim=16, max_tokens=10)
+    assert ws.reserve(1, 8) and ws.tokens >= 8
+    assert not ws.reserve(2, 8) and 2 not in ws.reqs
+    assert not ws.reserve(1, 11) and 1 not in ws.reqs and ws.tokens == 0
