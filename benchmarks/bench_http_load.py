@@ -16,9 +16,7 @@ import argparse
 import csv
 import random
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -27,34 +25,11 @@ from pathlib import Path
 import httpx
 from openai import OpenAI
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from systems import start_lragent_server as start_server  # noqa: E402
+
 MODES = ("nonshared", "fullshared", "baseshared", "lrshared")
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(bundle: str, mode: str, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lragent.cli", "serve", "--bundle", bundle, "--mode", mode,
-                             "--port", str(port), "--threads", str(threads)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"lragent serve --mode {mode} exited with {proc.returncode}")
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"lragent serve --mode {mode} did not come up")
 
 
 def agent(client: OpenAI, seed: int, rounds: int, out: list) -> None:
