@@ -46,26 +46,31 @@ from systems import EngineSystem, HttpSystem, lragent_http_system, start_lragent
 ENGINE_MODES = ("fullshared", "lrshared", "baseshared", "lrbase", "nonshared")
 ALL = ENGINE_MODES + ("serve-lrshared", "serve-nonshared", "hf-reuse", "hf-noreuse", "vllm")
 CORE = ("fullshared", "lrshared", "nonshared", "hf-reuse")
-DEFAULT_CELLS = ["1024x3:" + ",".join(ALL), "4096x3:" + ",".join(CORE + ("lrbase", "baseshared", "serve-lrshared")),
-                 "4096x8:" + ",".join(CORE), "react17k:fullshared,lrshared"]
+DEFAULT_CELLS = ["1024x3@2:" + ",".join(ALL), "4096x3@3:" + ",".join(CORE), "4096x8@2:" + ",".join(CORE),
+                 "react17k@1:fullshared,lrshared"]
 RESULTS = Path(__file__).resolve().parent / "results" / "trajectory"
 SHARED_KV = {"fullshared", "lrshared", "lrbase", "baseshared"}     # one base K/V for every role
 
 
-def parse_cell(text: str, default_systems: list[str]) -> tuple[str, int, int, list[str]]:
-    """"CTXxROLES[:sys,...]" or "react17k[:...]" -> (name, context, roles, systems)."""
+def parse_cell(text: str, default_systems: list[str], repeats: int) -> tuple[str, int, int, list[str], int]:
+    """"CTXxROLES[@REPEATS][:sys,...]" or "react17k[@R][:...]" -> (name, context, roles, systems, repeats)."""
     head, _, tail = text.partition(":")
+    head, _, rep = head.partition("@")
+    if rep:
+        if not rep.isdigit() or int(rep) < 1:
+            raise SystemExit(f"bad cell {text!r}: @REPEATS must be a positive integer")
+        repeats = int(rep)
     systems = [s for s in tail.split(",") if s] or default_systems
     bad = [s for s in systems if s not in ALL]
     if bad:
         raise SystemExit(f"unknown system(s) {', '.join(bad)}: use {', '.join(ALL)}")
     if head == "react17k":
-        return head, 17000, 3, systems
+        return head, 17000, 3, systems, repeats
     try:
         ctx, roles = (int(x) for x in head.lower().split("x"))
     except ValueError:
         raise SystemExit(f"bad cell {text!r}: use CTXxROLES[:systems], e.g. 4096x3:lrshared,hf-reuse") from None
-    return head, ctx, roles, systems
+    return head, ctx, roles, systems, repeats
 
 
 def analytic_bytes(system: str, rows: list[dict], cfg: dict, rank: int, m: int, elem: int) -> int:
@@ -238,9 +243,10 @@ def replay_all(cell: Cell, repeats: int, turn_rows: list, summary_rows: list) ->
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cell", action="append", help="CTXxROLES[:systems] or react17k[:systems] (repeatable)")
+    ap.add_argument("--cell", action="append",
+                    help="CTXxROLES[@REPEATS][:systems] or react17k[@REPEATS][:systems] (repeatable)")
     ap.add_argument("--systems", default=",".join(ALL), help="systems of cells that name none")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of cells that name none")
     ap.add_argument("--model", choices=("random", "embedded"), default="random")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (every system alike)")
@@ -250,16 +256,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    cells = [parse_cell(c, a.systems.split(",")) for c in (a.cell or DEFAULT_CELLS)]
+    cells = [parse_cell(c, a.systems.split(","), a.repeats) for c in (a.cell or DEFAULT_CELLS)]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {a.threads} thread(s), "
           f"model {a.model}, repeats {a.repeats}")
     turn_rows, summary_rows = [], []
-    for name, ctx, roles, systems in cells:
+    for name, ctx, roles, systems, repeats in cells:
         if a.model == "embedded" and ctx > 480:
             raise SystemExit(f"cell {name}: the embedded model has 512 positions; use contexts <= 480 with it")
-        run_cell(Cell(name, ctx, roles, systems, a), a.repeats, turn_rows, summary_rows)
+        run_cell(Cell(name, ctx, roles, systems, a), repeats, turn_rows, summary_rows)
         write_csv(out / "turns.csv", turn_rows)
         write_csv(out / "summary.csv", summary_rows)
     plots.print_summary(summary_rows)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import time
 import httpx
 
 from peer_hf import TurnResult
+from vllm_peer import free_port
 
 
 class EngineSystem:
@@ -41,8 +41,7 @@ class EngineSystem:
         t0 = time.perf_counter()
         c = self.engine.generate(list(prompt_ids), role, max_new_tokens=max_new_tokens, ignore_eos=True)
         total = time.perf_counter() - t0
-        self.peak_workspace = max(self.peak_workspace, self.engine.runner.backend.workspace.bytes
-                                  if getattr(self.engine.runner.backend, "workspace", None) else 0)
+        self.peak_workspace = max(self.peak_workspace, self.engine.stats()["workspace_bytes"])
         return TurnResult(c.token_ids, c.stats.ttft_s, total, len(prompt_ids) - c.stats.reused_tokens,
                           c.stats.reused_tokens)
 
@@ -113,13 +112,6 @@ class HttpSystem:
 
     def close(self) -> None:
         self.client.close()
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_lragent_server(bundle, mode: str, threads: int, extra=(), timeout_s: float = 300):

@@ -56,11 +56,13 @@ class Trace:
         return cls(obj["name"], obj["prefix"], [TraceTurn(**t) for t in obj["turns"]], obj.get("seed", 0))
 
 
-def react_trace(context: int, roles: list[str], *, rounds: int = 4, decode=(24, 48), prefix_share: float = 0.15,
-                seed: int = 0, name: str | None = None) -> Trace:
-    """A ReAct-shaped trace over ``roles`` ending near ``context`` tokens: ``rounds`` rounds of one turn per role,
-    a tool observation after the second role's turn (after the only role's turn when there is one)."""
+def react_trace(context: int, roles: list[str], *, rounds: int | None = None, decode=(16, 32),
+                prefix_share: float = 0.15, seed: int = 0, name: str | None = None) -> Trace:
+    """A ReAct-shaped trace over ``roles`` ending near ``context`` tokens: ``rounds`` rounds (default: about 12
+    turns, at least 2 rounds) of one turn per role, a tool observation after the second role's turn (after the only
+    role's turn when there is one)."""
     rng = random.Random(seed)
+    rounds = rounds or max(2, 12 // len(roles))
     prefix = max(8, round(context * prefix_share))
     decodes = [[rng.randint(*decode) for _ in roles] for _ in range(rounds)]
     budget = context - prefix - sum(map(sum, decodes))
@@ -84,11 +86,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--roles", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    names = (["planner", "actor", "reflector"] + [f"role{i}" for i in range(3, a.roles)])[:a.roles]
+    from workload import Spec
+    names = Spec(roles=a.roles).role_names()
     t = react_trace(a.context, names, rounds=a.rounds, seed=a.seed)
     with open(a.out, "w") as f:
         json.dump(t.to_json(), f, indent=1)

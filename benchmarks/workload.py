@@ -61,7 +61,7 @@ def build_base(spec: Spec, out: Path) -> Path:
                                    max_position_embeddings=spec.max_positions, rms_norm_eps=1e-5, rope_theta=10000.0,
                                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(spec.seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():                       # wider than HF's init, so attention is not near-uniform
         for p in model.parameters():
             if p.dim() == 2:
@@ -77,7 +77,7 @@ def build_adapters(spec: Spec, base: Path, out: Path) -> dict[str, Path]:
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     paths = {}
     for i, role in enumerate(spec.role_names()):
         torch.manual_seed(spec.seed + 100 + i)

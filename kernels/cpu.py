@@ -24,19 +24,39 @@ import torch
 
 from ._args import check_paged
 from .cpu_sdpa import DECODE_MAX_Q, attend
-from .cpu_workspace import Workspace
+from .cpu_workspace import Scratch, Workspace
 
 
 def prepare_b(b_k: torch.Tensor | None, b_v: torch.Tensor | None) -> dict:
-    """b_k, b_v [N, H_kv, r, D] -> {"k": per adapter [r, H_kv*D] (the KV heads side by side), "v": per adapter
-    [H_kv, r, D]} (fp32 lists, None where absent), laid out once for :func:`paged_attention_cpu`."""
-    out = {"k": None, "v": None}
+    """b_k, b_v [N, H_kv, r, D] -> per adapter, fp32: {"k": [r, H_kv*D] (the KV heads side by side), "v": [H_kv, r, D],
+    "k_f"/"v_f": the side-by-side B as a :func:`factor` pair} (None where absent), laid out once for
+    :func:`paged_attention_cpu`."""
+    out = {"k": None, "v": None, "k_f": None, "v_f": None}
+
+    def side_by_side(b):
+        n, h_kv, r, d = b.shape
+        return list(b.float().permute(0, 2, 1, 3).reshape(n, r, h_kv * d).contiguous())
     if b_k is not None:
-        n, h_kv, r, d = b_k.shape
-        out["k"] = list(b_k.float().permute(0, 2, 1, 3).reshape(n, r, h_kv * d).contiguous())
+        out["k"] = side_by_side(b_k)
+        out["k_f"] = [factor(b) for b in out["k"]]
     if b_v is not None:
         out["v"] = list(b_v.float().contiguous())
+        out["v_f"] = [factor(b) for b in side_by_side(b_v)]
     return out
+
+
+def factor(b: torch.Tensor, rtol: float = 1e-7) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A role's B [r, W] as (P [r, q], Q [q, W]) with B = P Q to fp32 precision (singular values below rtol times
+    the largest dropped), when its rank q is at most r/2; else (None, B). In a shared basis of N roles' adapters
+    (``import-peft --share-a exact``: r = N * r_role) each role's B has rank r_role, so L B = (L P) Q costs
+    r*q + q*W per row instead of r*W."""
+    r = b.shape[0]
+    u, sv, vh = torch.linalg.svd(b.double(), full_matrices=False)
+    q = int((sv > sv[0] * rtol).sum()) if sv.numel() and sv[0] > 0 else 0
+    if r < 8 or q > r // 2:
+        return None, b
+    q = max(q, 1)
+    return (u[:, :q] * sv[:q]).float().contiguous(), vh[:q].float().contiguous()
 
 
 def expand_rope(cos: torch.Tensor, sin: torch.Tensor, n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,9 +115,10 @@ def paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
                         agent_ids=None, lr_block_table=None, lr_k_cache=None, b_k=None, cos=None, sin=None,
                         softmax_scale=None, causal=True, prepared: dict | None = None,
                         lr_cache: torch.Tensor | None = None, plan: Plan | None = None,
-                        workspace: Workspace | None = None, layer: int = 0):
-    """The fast path with the engine's extras (``prepared``, ``plan``, ``lr_cache``, and a :class:`Workspace` of
-    expanded K'/V' per request with the ``layer`` index; see the module doc); inputs are not checked."""
+                        workspace: Workspace | None = None, layer: int = 0, scratch: Scratch | None = None):
+    """The fast path with the engine's extras (``prepared``, ``plan``, ``lr_cache``, a :class:`Workspace` of
+    expanded K'/V' per request with the ``layer`` index, a :class:`Scratch` of reusable buffers; see the module
+    doc); inputs are not checked."""
     total_q, n_heads, d = q.shape
     n_kv = k_cache.shape[2]
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
@@ -107,7 +128,8 @@ def paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
     if plan is None:
         plan = Plan(block_table, seq_lens, cu_seqlens_q, agent_ids, lr_block_table, k_cache.shape[1],
                     cos if lr_k_cache is not None else None, sin, n_kv)
-    src = _Source(k_cache, v_cache, q.dtype, plan, prepared if has_lr else None, lr_k_cache, lr_v_cache, lr_cache)
+    src = _Source(k_cache, v_cache, q.dtype, plan, prepared if has_lr else None, lr_k_cache, lr_v_cache, lr_cache,
+                  scratch or Scratch(q.device))
     out = torch.empty_like(q)
     for b, n in enumerate(plan.lens):
         q0, q1 = plan.cu[b], plan.cu[b + 1]
@@ -119,8 +141,10 @@ def paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
         if has_lr and workspace is not None and req is not None and workspace.reserve(req, n):
             start = workspace.filled(req, layer)
             if start < n:
-                workspace.write(req, layer, start, *src.expanded(b, start, n))
-            o = attend(qb, *workspace.rows(req, layer, n), scale, causal)
+                src.expanded(b, start, n, out=workspace.rows(req, layer, start, n))
+                workspace.mark(req, layer, n)
+            k, v = workspace.rows(req, layer, 0, n)
+            o = attend(qb, k.transpose(0, 1), v.transpose(0, 1), scale, causal)
         elif has_lr and sq <= DECODE_MAX_Q and src.bv is not None:
             o = _decode_value_lora(qb, src, b, n, scale, causal)
         elif has_lr:
@@ -137,14 +161,14 @@ class _Source:
     """Reads one sequence's rows from the paged caches (fp32): base K/V, and K' = K + RoPE(L_k B_k),
     V' = V + L_v B_v in the low-rank modes."""
 
-    def __init__(self, k_cache, v_cache, dtype, plan, prepared, lr_k_cache, lr_v_cache, lr_cache):
+    def __init__(self, k_cache, v_cache, dtype, plan, prepared, lr_k_cache, lr_v_cache, lr_cache, scratch):
         n_kv, d = k_cache.shape[2], k_cache.shape[3]
-        self.plan, self.n_kv, self.d = plan, n_kv, d
+        self.plan, self.n_kv, self.d, self.scratch = plan, n_kv, d, scratch
         self.f32 = dtype == torch.float32 and k_cache.dtype == torch.float32
         self.k_flat, self.v_flat = k_cache.reshape(-1, n_kv, d), v_cache.reshape(-1, n_kv, d)   # views if contiguous
         self.bk = self.bv = None
         if prepared is not None:
-            self.bk, self.bv = prepared["k"], prepared["v"]
+            self.bk, self.bv, self.bk_f, self.bv_f = prepared["k"], prepared["v"], prepared["k_f"], prepared["v_f"]
             if lr_cache is not None:
                 self.lr_flat = lr_cache.reshape(-1, lr_cache.shape[-1])
             else:
@@ -152,33 +176,49 @@ class _Source:
                                           if c is not None], 1)
             self.r = self.lr_flat.shape[-1] // ((self.bk is not None) + (self.bv is not None))
 
-    def _f32(self, t):
-        return t if self.f32 else t.float()
+    def _gather(self, flat, tok, out):
+        if self.f32:
+            return torch.index_select(flat, 0, tok, out=out)
+        out.copy_(flat.index_select(0, tok))
+        return out
 
-    def base(self, b: int, start: int, end: int):
-        """Base K, V [end-start, H_kv, D] of positions start..end-1 of sequence b (our own copies)."""
+    def base(self, b: int, start: int, end: int, out=None):
+        """Base K, V [end-start, H_kv, D] of positions start..end-1 of sequence b, written into ``out`` (a pair of
+        tensors) or into scratch buffers."""
         tok = self.plan.tok[b][start:end]
-        return self._f32(self.k_flat.index_select(0, tok)), self._f32(self.v_flat.index_select(0, tok))
+        m = end - start
+        if out is None:
+            out = (self.scratch.get("k", m, self.n_kv, self.d), self.scratch.get("v", m, self.n_kv, self.d))
+        return self._gather(self.k_flat, tok, out[0]), self._gather(self.v_flat, tok, out[1])
 
     def lowrank(self, b: int, start: int, end: int):
-        """The rows [L_k | L_v] [end-start, m*r] of positions start..end-1 of sequence b."""
-        return self._f32(self.lr_flat.index_select(0, self.plan.lr_tok[b][start:end]))
+        """The rows [L_k | L_v] [end-start, m*r] of positions start..end-1 of sequence b (a scratch buffer)."""
+        return self._gather(self.lr_flat, self.plan.lr_tok[b][start:end],
+                            self.scratch.get("lr", end - start, self.lr_flat.shape[-1]))
 
-    def expanded(self, b: int, start: int, end: int, value: bool = True):
-        """K' (and V' when ``value``, else base V) [end-start, H_kv, D] of positions start..end-1 of sequence b."""
-        k, v = self.base(b, start, end)
+    def expanded(self, b: int, start: int, end: int, value: bool = True, out=None):
+        """K' (and V' when ``value``, else base V) [end-start, H_kv, D] of positions start..end-1 of sequence b,
+        into ``out`` or scratch buffers."""
+        k, v = self.base(b, start, end, out)
         lr, a, r = self.lowrank(b, start, end), self.plan.agents[b], self.r
         m, n_kv, d = end - start, self.n_kv, self.d
-        if self.bk is not None:              # K' = K + X cos + rotate_half(X) sin, X = L_k B_k (k is our copy)
-            x = (lr[:, :r] @ self.bk[a]).view(m, n_kv, 2, d // 2)
+        if self.bk is not None:              # K' = K + X cos + rotate_half(X) sin, X = L_k B_k
+            x = self._times_b(lr[:, :r], self.bk_f[a], self.scratch.get("x", m, n_kv * d)).view(m, n_kv, 2, d // 2)
             cos, sin = self.plan.cos[b][start:end], self.plan.sin[b][start:end].view(m, n_kv, 2, d // 2)
             k.addcmul_(x.view(m, n_kv, d), cos)
             k2 = k.view(m, n_kv, 2, d // 2)
             k2[:, :, 0].addcmul_(x[:, :, 1], sin[:, :, 0], value=-1.0)
             k2[:, :, 1].addcmul_(x[:, :, 0], sin[:, :, 1])
-        if value and self.bv is not None:    # V' = V + L_v B_v, all KV heads in one batched matmul
-            v.transpose(0, 1).baddbmm_(lr[:, -r:].expand(n_kv, m, r), self.bv[a])
+        if value and self.bv is not None:    # V' = V + L_v B_v, all KV heads in one matmul
+            p, q = self.bv_f[a]
+            v.view(m, n_kv * d).addmm_(lr[:, -r:] if p is None else lr[:, -r:] @ p, q)
         return k, v
+
+    @staticmethod
+    def _times_b(lr, pq, out):
+        """lr @ B for B given as a :func:`factor` pair, into ``out``."""
+        p, q = pq
+        return torch.mm(lr if p is None else lr @ p, q, out=out)
 
 
 def _decode_value_lora(qb, src, b, n, scale, causal):

@@ -4,10 +4,11 @@ In lrshared (and baseshared, lrbase) the cache holds base K/V and the low-rank r
 K' = K + RoPE(L_k B_k) and V' = V + L_v B_v with its own B. Expanding K' and V' over the whole context costs
 n * r * H_kv * D multiply-adds per layer, several times the attention of one decode step, so re-expanding at every
 step of every running request makes the low-rank modes much slower per token than fullshared. The workspace keeps,
-for each running request, K' and V' of the positions already expanded ([layers, 2, H_kv, capacity, D], fp32); a
-step expands only its new positions. It is a copy of what the request reads, not cache: the paged pool stays the
-shared store, the workspace is freed when the request finishes, is aborted or is preempted (``release``), and its
-total size is bounded by ``max_tokens`` (a request that does not fit runs without one, re-expanding as before).
+for each running request, K' and V' of the positions already expanded ([layers, 2, capacity, H_kv, D], fp32); a
+step expands only its new positions, straight into the workspace rows. It is a copy of what the request reads, not cache: the paged pool stays the
+shared store, a request's rows are dropped when it finishes, is aborted or is preempted (``release``: its tensor goes
+to a pool for the next request), and everything held is bounded by ``max_tokens`` rows (a request that does not fit
+runs without one, re-expanding at every step).
 
 Cache rows never change once written (the pool is append-only per sequence and shared prefixes are immutable),
 so a workspace row stays valid for as long as its request runs.
@@ -18,67 +19,111 @@ import torch
 
 
 class Workspace:
-    """K'/V' rows per running request, by request id; ``max_tokens`` bounds the summed capacity of all of them."""
+    """K'/V' rows per running request, by request id; ``max_tokens`` bounds the summed capacity of every tensor held,
+    the running requests' and the pool's (tensors of finished requests, kept for reuse: fresh multi-MB tensors cost
+    page faults on every first touch, which made a hand-off's expansion several times slower)."""
 
     def __init__(self, num_layers: int, n_kv: int, head_dim: int, max_tokens: int, device="cpu"):
         self.num_layers, self.n_kv, self.head_dim = num_layers, n_kv, head_dim
         self.max_tokens, self.device = max_tokens, device
-        self.reqs: dict[int, list] = {}       # id -> [tensor [L, 2, H_kv, cap, D], filled rows per layer]
-        self.tokens = 0                       # summed capacity (rows) of every request's tensor
+        self.reqs: dict[int, list] = {}       # id -> [tensor [L, 2, cap, H_kv, D], filled rows per layer]
+        self.pool: list[torch.Tensor] = []    # tensors no request uses
+        self.tokens = 0                       # summed capacity (rows) of every tensor held (requests and pool)
+
+    def _bytes(self, rows: int) -> int:
+        return rows * self.num_layers * 2 * self.n_kv * self.head_dim * 4
 
     @property
     def bytes(self) -> int:
-        """Bytes held by every request's workspace now."""
-        return self.tokens * self.num_layers * 2 * self.n_kv * self.head_dim * 4
+        """Bytes held now (running requests' tensors and the pool)."""
+        return self._bytes(self.tokens)
+
+    @property
+    def running_bytes(self) -> int:
+        """Bytes of the running requests' tensors."""
+        return self._bytes(sum(e[0].shape[2] for e in self.reqs.values()))
+
+    def _take(self, n: int, budget: int) -> torch.Tensor | None:
+        """A tensor of capacity >= n: the pool's smallest that fits, else a new one of ``budget`` rows if the bound
+        allows (after dropping pooled tensors), else None."""
+        fits = [i for i, t in enumerate(self.pool) if t.shape[2] >= n]
+        if fits:
+            return self.pool.pop(min(fits, key=lambda i: self.pool[i].shape[2]))
+        for want in (budget, n):
+            while self.tokens + want > self.max_tokens and self.pool:
+                self.tokens -= self.pool.pop(0).shape[2]
+            if self.tokens + want <= self.max_tokens:
+                self.tokens += want
+                return torch.empty(self.num_layers, 2, want, self.n_kv, self.head_dim, dtype=torch.float32,
+                                   device=self.device)
+        return None
 
     def reserve(self, req: int, n: int) -> bool:
         """Make room for ``n`` rows of request ``req``; False (and nothing held for it) when the bound forbids it."""
         entry = self.reqs.get(req)
-        cap = 0 if entry is None else entry[0].shape[3]
+        cap = 0 if entry is None else entry[0].shape[2]
         if n <= cap:
             return True
-        new_cap = max(n, 2 * cap, 64)
-        if self.tokens - cap + new_cap > self.max_tokens:
-            new_cap = n
-        if self.tokens - cap + new_cap > self.max_tokens:
+        t = self._take(n, max(n, 2 * cap, 256))
+        if t is None:
             self.release(req)
             return False
-        t = torch.empty(self.num_layers, 2, self.n_kv, new_cap, self.head_dim, dtype=torch.float32,
-                        device=self.device)
         if entry is None:
             self.reqs[req] = [t, [0] * self.num_layers]
-        else:
+        else:                                     # grow: copy, then the old tensor goes to the pool
             old, filled = entry
             for layer, m in enumerate(filled):
-                t[layer, :, :, :m] = old[layer, :, :, :m]
+                t[layer, :, :m] = old[layer, :, :m]
             entry[0] = t
-        self.tokens += new_cap - cap
+            self.pool.append(old)
         return True
 
     def filled(self, req: int, layer: int) -> int:
         """How many leading positions of ``req`` are expanded in ``layer``."""
         return self.reqs[req][1][layer]
 
-    def rows(self, req: int, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views K', V' [H_kv, n, D] of the first ``n`` positions of ``req`` in ``layer``."""
+    def rows(self, req: int, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views K', V' [end-start, H_kv, D] of positions start..end-1 of ``req`` in ``layer`` (contiguous)."""
         t = self.reqs[req][0][layer]
-        return t[0, :, :n], t[1, :, :n]
+        return t[0, start:end], t[1, start:end]
 
-    def write(self, req: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K', V' rows [m, H_kv, D] at positions start..start+m-1 (start must equal ``filled``)."""
-        entry = self.reqs[req]
-        t, m = entry[0][layer], k.shape[0]
-        t[0, :, start:start + m] = k.transpose(0, 1)
-        t[1, :, start:start + m] = v.transpose(0, 1)
-        entry[1][layer] = start + m
+    def mark(self, req: int, layer: int, end: int) -> None:
+        """Record that positions up to ``end`` of ``req`` are expanded in ``layer``."""
+        self.reqs[req][1][layer] = end
 
     def release(self, req: int) -> None:
-        """Free the workspace of ``req`` (no-op if it has none)."""
+        """Return the tensor of ``req`` to the pool (no-op if it has none)."""
         entry = self.reqs.pop(req, None)
         if entry is not None:
-            self.tokens -= entry[0].shape[3]
+            self.pool.append(entry[0])
+
+    def trim(self) -> None:
+        """Free the pool (the running requests keep theirs)."""
+        self.tokens -= sum(t.shape[2] for t in self.pool)
+        self.pool.clear()
 
     def clear(self) -> None:
-        """Free every request's workspace."""
+        """Free every tensor."""
         self.reqs.clear()
+        self.pool.clear()
         self.tokens = 0
+
+
+class Scratch:
+    """Reusable fp32 buffers by name, grown as needed: gathers and matmul outputs written into them instead of into
+    fresh tensors (fresh multi-MB tensors cost page faults on every call on CPU). A buffer is valid until the next
+    ``get`` of the same name."""
+
+    def __init__(self, device="cpu"):
+        self.device, self.bufs = device, {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        """A contiguous fp32 tensor of ``shape`` (contents undefined)."""
+        n = 1
+        for s in shape:
+            n *= s
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[name] = torch.empty(max(n, 2 * (0 if buf is None else buf.numel())),
+                                                dtype=torch.float32, device=self.device)
+        return buf[:n].view(*shape)

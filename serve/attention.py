@@ -18,7 +18,7 @@ import torch
 
 from lragent import kernels
 from lragent.kernels.cpu import Plan, expand_rope, paged_attention_cpu, prepare_b
-from lragent.kernels.cpu_workspace import Workspace
+from lragent.kernels.cpu_workspace import Scratch, Workspace
 
 from .config import ServeError
 
@@ -39,10 +39,9 @@ class AttentionBackend:
     def clear(self) -> None:
         """Forget every request's state."""
 
-    @property
-    def workspace_bytes(self) -> int:
-        """Bytes of per-request state held now (0 by default)."""
-        return 0
+    def workspace_bytes(self) -> tuple[int, int]:
+        """Bytes of per-request state held now, and of those the running requests' (0, 0 by default)."""
+        return 0, 0
 
     def prepare(self, b_heads: list[dict], cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Per layer {"b_k"/"b_v": [N, H_kv, r, D]} and the RoPE tables [P, D] in the model dtype."""
@@ -86,6 +85,7 @@ class TorchBackend(AttentionBackend):
     def __init__(self, *, workspace: Workspace | None = None, **kw):
         super().__init__(**kw)
         self.workspace = workspace if self.lowrank else None
+        self.scratch = Scratch()
 
     def release(self, request_id):
         if self.workspace is not None:
@@ -95,9 +95,8 @@ class TorchBackend(AttentionBackend):
         if self.workspace is not None:
             self.workspace.clear()
 
-    @property
     def workspace_bytes(self):
-        return 0 if self.workspace is None else self.workspace.bytes
+        return (0, 0) if self.workspace is None else (self.workspace.bytes, self.workspace.running_bytes)
 
     def prepare(self, b_heads, cos, sin):
         super().prepare(b_heads, cos, sin)
@@ -109,9 +108,9 @@ class TorchBackend(AttentionBackend):
                     self.block_size, *self.rope_kv, self.n_kv, req_ids=batch.seq_ids)
 
     def __call__(self, plan, layer, q, cache, batch, lowrank=True):
-        kw = {}
+        kw = {"scratch": self.scratch}
         if self.lowrank and lowrank:
-            kw = dict(self.lowrank_args(layer, cache, batch), prepared=self.prepared[layer],
+            kw.update(self.lowrank_args(layer, cache, batch), prepared=self.prepared[layer],
                       lr_cache=cache.lr_layers[layer], workspace=self.workspace, layer=layer)
         return paged_attention_cpu(q, cache.k[layer], cache.v[layer], batch.block_table, batch.seq_lens,
                                    batch.cu_seqlens_q, softmax_scale=q.shape[-1] ** -0.5, plan=plan, **kw)

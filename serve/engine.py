@@ -315,7 +315,8 @@ class Engine:
                        rank=a.rank, lowrank_targets=a.cached_targets() if self.lowrank else [],
                        bytes_per_token_base=2 * c.d_kv * elem * c.num_layers,
                        bytes_per_token_lowrank=m * a.rank * elem * c.num_layers, steps=self.scheduler.steps,
-                       workspace_bytes=self.runner.backend.workspace_bytes,
+                       workspace_bytes=self.runner.backend.workspace_bytes()[0],
+                       workspace_running_bytes=self.runner.backend.workspace_bytes()[1],
                        running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                        preemptions=self.scheduler.preemptions)
         return out

@@ -93,12 +93,39 @@ def test_workspace_steps_match_reference(key_lora):
     assert ws.tokens <= 200
     ws.release(7)
     ws.release(8)
+    assert ws.running_bytes == 0 and ws.bytes > 0                     # back in the pool
+    ws.trim()
     assert ws.tokens == 0 and ws.bytes == 0
 
 
-def test_workspace_bound_falls_back():
-    """A request that does not fit the bound gets no workspace and the same output."""
+def test_workspace_bound_and_pool():
+    """Nothing past the bound is held (a request that does not fit gets none); a finished request's tensor is
+    reused by the next one; the pool gives way to a request that needs the room."""
     ws = Workspace(num_layers=1, n_kv=1, head_dim=16, max_tokens=10)
-    assert ws.reserve(1, 8) and ws.tokens >= 8
+    assert ws.reserve(1, 8) and ws.tokens == 8
     assert not ws.reserve(2, 8) and 2 not in ws.reqs
-    assert not ws.reserve(1, 11) and 1 not in ws.reqs and ws.tokens == 0
+    t = ws.reqs[1][0]
+    ws.release(1)
+    assert ws.reserve(3, 6) and ws.reqs[3][0] is t and ws.tokens == 8      # reused, nothing new
+    assert not ws.reserve(3, 11) and 3 not in ws.reqs and ws.tokens <= 10
+    ws.release(3)
+    assert ws.reserve(4, 10) and ws.tokens == 10                         # the pool was dropped to fit it
+
+
+def test_low_rank_b_is_factored_and_exact():
+    """B of rank <= r/2 (each role's B in an exact shared basis of several roles) is applied as (L P) Q, with the
+    reference's output."""
+    from lragent.kernels.cpu import factor, prepare_b
+    h, h_kv, d, r = 4, 2, 32, 8
+    p = make_paged([40], [12], h, h_kv, d, r, key_lora=True, block_size=8, seed=5)
+    g = torch.Generator().manual_seed(0)
+    for name in ("b_k", "b_v"):
+        n_ag = p[name].shape[0]
+        low = torch.randn(n_ag, r, 3, generator=g) @ torch.randn(n_ag, 3, h_kv * d, generator=g) * 0.2
+        p[name] = low.view(n_ag, r, h_kv, d).permute(0, 2, 1, 3).contiguous()
+    prep = prepare_b(p["b_k"], p["b_v"])
+    assert all(pq[0] is not None and pq[0].shape[1] == 3 for pq in prep["k_f"] + prep["v_f"])
+    assert factor(torch.randn(8, 64, generator=g))[0] is None          # full rank stays one matmul
+    ref = flash_lora_attention_paged_ref(**to_float64(p))
+    out = paged_attention_cpu(**p)
+    assert (out.double() - ref).abs().max().item() <= 3e-5

@@ -114,13 +114,16 @@ def test_engine_workspace_matches_no_workspace(bundle, mode):
         a = eng.generate(prompt, "planner", sp)
         b = eng.generate(prompt + a.token_ids + [9, 11, 30], "actor", sp)
         outs[ws] = (a, b)
-        assert eng.stats()["workspace_bytes"] == 0                    # freed when the requests finished
+        st = eng.stats()
+        assert st["workspace_running_bytes"] == 0                    # dropped when the requests finished
+        assert (st["workspace_bytes"] > 0) == (ws is None)            # kept in the pool for the next request
         if ws is None:
             rid = eng.add_request(prompt, "actor", max_new_tokens=3, ignore_eos=True)
             eng.step()
-            assert eng.stats()["workspace_bytes"] > 0
+            assert eng.stats()["workspace_running_bytes"] > 0
+            assert eng.stats()["workspace_bytes"] == st["workspace_bytes"]     # the pooled tensor was reused
             eng.abort(rid)
-            assert eng.stats()["workspace_bytes"] == 0
+            assert eng.stats()["workspace_running_bytes"] == 0
     for x, y in zip(outs[0], outs[None]):
         assert x.token_ids == y.token_ids
         assert (x.logits - y.logits).abs().max().item() <= 1e-4
