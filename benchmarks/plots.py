@@ -1,7 +1,31 @@
 """Tables, headline ratios and plots of ``bench_trajectory.py`` (summary rows as it writes them to summary.csv)."""
 from __future__ import annotations
 
+import csv
+import sys
 from pathlib import Path
+
+SYSTEMS = ("fullshared", "lrshared", "baseshared", "lrbase", "nonshared", "serve-lrshared", "serve-nonshared",
+           "hf-reuse", "hf-noreuse", "vllm")
+INTS = ("context", "roles", "repeats", "prefilled", "reused", "peak_cache_bytes", "analytic_cache_bytes", "turn",
+        "repeat", "prompt", "decode", "cache_bytes")
+TEXT = ("cell", "system", "role", "turns_same_as_hf", "note")
+
+
+def color(system: str) -> str:
+    """One color per system in every plot."""
+    return f"C{SYSTEMS.index(system) % 10}" if system in SYSTEMS else "k"
+
+
+def load(out: Path) -> tuple[list[dict], list[dict]]:
+    """turns.csv and summary.csv of a run, with numbers parsed (empty -> None)."""
+    def rows(name):
+        res = []
+        for r in csv.DictReader(open(Path(out) / name)):
+            res.append({k: (None if v == "" else v if k in TEXT else int(float(v)) if k in INTS else float(v))
+                        for k, v in r.items()})
+        return res
+    return rows("turns.csv"), rows("summary.csv")
 
 COLS = [("system", "system", "{}"), ("handoff_ttft_p50", "hand-off TTFT p50 s", "{:.3f}"),
         ("handoff_ttft_p90", "p90 s", "{:.3f}"), ("wall_s", "wall s", "{:.1f}"),
@@ -72,12 +96,12 @@ def draw(turn_rows: list[dict], rows: list[dict], out: Path) -> None:
         for system in dict.fromkeys(r["system"] for r in turn_rows if r["cell"] == cell):
             pts = [(r["turn"], r["ttft_s"]) for r in turn_rows
                    if r["cell"] == cell and r["system"] == system and r["repeat"] == 0]
-            ax.plot(*zip(*pts), marker=".", label=system)
+            ax.plot(*zip(*pts), marker=".", label=system, color=color(system))
         ax.set_yscale("log")
         ax.set_title(cell)
         ax.set_xlabel("turn")
         ax.set_ylabel("TTFT (s)")
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "ttft_per_turn.png", dpi=110)
     plt.close(fig)
@@ -94,7 +118,7 @@ def draw(turn_rows: list[dict], rows: list[dict], out: Path) -> None:
             pts = sorted((r[xkey], r[ykey] / (2 ** 20 if ykey == "peak_cache_bytes" else 1))
                          for r in src if r["system"] == system and r.get(ykey))
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=system)
+                ax.plot(*zip(*pts), marker="o", label=system, color=color(system))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_yscale("log")
@@ -102,3 +126,10 @@ def draw(turn_rows: list[dict], rows: list[dict], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
+
+
+if __name__ == "__main__":          # redraw and reprint a run: python benchmarks/plots.py benchmarks/results/trajectory
+    turns, summary = load(Path(sys.argv[1]))
+    print_summary(summary)
+    print_ratios(summary)
+    draw(turns, summary, Path(sys.argv[1]))

@@ -374,3 +374,21 @@ def test_a_tiny_temperature_is_greedy_and_the_engine_survives(lr_server):
     r = c.completions.create(model="actor", prompt=[5, 9, 30], max_tokens=2, logprobs=5)
     assert len(r.choices[0].logprobs.top_logprobs[0]) == 5
     assert httpx.get(lr_server.url + "/health").status_code == 200
+
+
+def test_return_tokens_as_token_ids_gives_the_generated_ids(lr_server):
+    """vLLM's extension: logprobs name tokens "token_id:N", streamed and not, equal to the engine's ids."""
+    prompt = [1, 5, 11, 18, 19, 20, 21]
+    want = lr_server.engine.generate(prompt, "actor", greedy(5)).token_ids
+    c = client(lr_server)
+    body = dict(model="actor", prompt=prompt, max_tokens=5, temperature=0, logprobs=1,
+                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    r = c.completions.create(**body)
+    assert [int(t.split(":")[1]) for t in r.choices[0].logprobs.tokens] == want
+    got = [int(t.split(":")[1]) for ch in c.completions.create(**body, stream=True) for c_ in ch.choices
+           for t in (c_.logprobs.tokens if c_.logprobs else [])]
+    assert got == want
+    chat = c.chat.completions.create(model="actor", messages=[{"role": "user", "content": "k3 ?"}], max_tokens=3,
+                                     temperature=0, logprobs=True,
+                                     extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    assert all(e.token.startswith("token_id:") for e in chat.choices[0].logprobs.content)
