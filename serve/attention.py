@@ -36,8 +36,8 @@ class AttentionBackend:
     def release(self, request_id: int) -> None:
         """Forget per-request state of a request that finished, was aborted or preempted (none by default)."""
 
-    def clear(self) -> None:
-        """Forget every request's state."""
+    def trim(self) -> None:
+        """Free state kept for reuse that no running request holds."""
 
     def workspace_bytes(self) -> tuple[int, int]:
         """Bytes of per-request state held now, and of those the running requests' (0, 0 by default)."""
@@ -91,9 +91,9 @@ class TorchBackend(AttentionBackend):
         if self.workspace is not None:
             self.workspace.release(request_id)
 
-    def clear(self):
+    def trim(self):
         if self.workspace is not None:
-            self.workspace.clear()
+            self.workspace.trim()
 
     def workspace_bytes(self):
         return (0, 0) if self.workspace is None else (self.workspace.bytes, self.workspace.running_bytes)

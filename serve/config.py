@@ -29,8 +29,8 @@ class ServeConfig:
     max_batch_tokens: int = 512      # tokens per engine step (longer prompts are prefilled in chunks)
     max_num_seqs: int = 64           # sequences running at once
     attention: str = "auto"          # auto | torch | triton | reference
-    workspace_tokens: int | None = None  # torch backend, low-rank modes: bound on the running requests' expanded
-                                         # K'/V' rows (None: cache_tokens; 0: no workspace, re-expand every step)
+    workspace_tokens: int | None = None  # torch backend, low-rank modes: bound on the expanded K'/V' rows held for
+                                         # running requests and reuse (None: cache_tokens; 0: none, re-expand)
     seed: int | None = None          # engine RNG for requests without a seed (None: from the OS)
 
     def __post_init__(self):

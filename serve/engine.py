@@ -311,20 +311,21 @@ class Engine:
         elem = self.cache.k.element_size()
         with self._lock:
             out = self.kv.stats()
+            ws_held, ws_running = self.runner.backend.workspace_bytes()
             out.update(mode=self.mode, block_size=self.block_size, num_blocks=self.num_blocks, roles=len(self.roles),
                        rank=a.rank, lowrank_targets=a.cached_targets() if self.lowrank else [],
                        bytes_per_token_base=2 * c.d_kv * elem * c.num_layers,
                        bytes_per_token_lowrank=m * a.rank * elem * c.num_layers, steps=self.scheduler.steps,
-                       workspace_bytes=self.runner.backend.workspace_bytes()[0],
-                       workspace_running_bytes=self.runner.backend.workspace_bytes()[1],
+                       workspace_bytes=ws_held, workspace_running_bytes=ws_running,
                        running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                        preemptions=self.scheduler.preemptions)
         return out
 
     def clear_cache(self) -> None:
-        """Drop every cached prefix (requests in flight keep theirs)."""
+        """Drop every cached prefix and the attention backend's pooled workspace (requests in flight keep theirs)."""
         with self._lock:
             self.kv.clear()
+            self.runner.backend.trim()
 
     def warmup(self) -> None:
         """One short request on a throwaway prompt (first-call overheads), then an empty cache."""

@@ -124,6 +124,8 @@ def test_engine_workspace_matches_no_workspace(bundle, mode):
             assert eng.stats()["workspace_bytes"] == st["workspace_bytes"]     # the pooled tensor was reused
             eng.abort(rid)
             assert eng.stats()["workspace_running_bytes"] == 0
+            eng.clear_cache()
+            assert eng.stats()["workspace_bytes"] == 0                 # the pool goes with the cached prefixes
     for x, y in zip(outs[0], outs[None]):
         assert x.token_ids == y.token_ids
         assert (x.logits - y.logits).abs().max().item() <= 1e-4

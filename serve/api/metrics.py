@@ -26,8 +26,8 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.cache = Gauge("lragent_cache_bytes", "Cache pool bytes by component", ["component"], registry=r)
         self.preemptions = Gauge("lragent_preemptions", "Sequences preempted so far", registry=r)
-        self.workspace = Gauge("lragent_workspace_bytes", "Expanded K'/V' rows held for running requests (low-rank "
-                               "modes)", registry=r)
+        self.workspace = Gauge("lragent_workspace_bytes", "Expanded K'/V' rows held by the attention backend "
+                               "(low-rank modes: running requests and the reuse pool)", registry=r)
 
     def finished(self, completion) -> None:
         """Count one finished request (called from the engine loop thread)."""
