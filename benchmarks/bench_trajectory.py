@@ -26,11 +26,11 @@ cache_vs_context.png, wall_vs_roles.png; prints the tables and the headline rati
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plots  # noqa: E402
 import traces  # noqa: E402
 import workload  # noqa: E402
-from systems import EngineSystem, HttpSystem, lragent_http_system, start_lragent_server  # noqa: E402
+from systems import EngineSystem, HttpSystem, lragent_http_system, start_lragent_server, stop_server  # noqa: E402
 
 ENGINE_MODES = ("fullshared", "lrshared", "baseshared", "lrbase", "nonshared")
 ALL = ENGINE_MODES + ("serve-lrshared", "serve-nonshared", "hf-reuse", "hf-noreuse", "vllm")
@@ -135,7 +135,7 @@ class Cell:
         self.cfg = dict(d_kv=cfg["num_key_value_heads"] * hd, layers=cfg["num_hidden_layers"])
         man = json.loads((self.paths["bundle"] / "manifest.json").read_text())
         self.rank = man["lora"]["rank"]          # the shared rank (N * r for independent adapters, exact)
-        self.procs, self.live, self.skipped = [], {}, {}
+        self.servers, self.live, self.skipped = contextlib.ExitStack(), {}, {}
 
     def cache_tokens(self) -> int:
         return (self.trace.total_tokens() + 64) * self.n_roles + 1024
@@ -150,7 +150,7 @@ class Cell:
             mode = name[len("serve-"):]
             proc, url = start_lragent_server(bundle, mode, a.threads, ["--cache-tokens", eng["cache_tokens"],
                                                                        "--max-batch-tokens", a.max_batch_tokens])
-            self.procs.append(proc)
+            self.servers.callback(stop_server, proc)
             return lragent_http_system(url, mode)
         if name.startswith("hf-"):
             from peer_hf import HFPeftSystem
@@ -169,22 +169,16 @@ class Cell:
                                     max_model_len=min(self.trace.total_tokens() + 256, self.max_positions),
                                     log_path=log)
         try:
-            url = ctx.__enter__()
+            url = self.servers.enter_context(ctx)
         except RuntimeError as e:
             self.skipped["vllm"] = f"vllm serve did not start ({str(e).splitlines()[-1][:200]}; log {log})"
             return None
-        self.procs.append(ctx)
         return HttpSystem("vllm", url)
 
     def close(self):
         for s in self.live.values():
             s.close()
-        for p in self.procs:
-            if isinstance(p, subprocess.Popen):        # lragent serve: SIGTERM drains and exits
-                p.terminate()
-                p.wait(timeout=60)
-            else:                                      # the vllm_server context manager
-                p.__exit__(None, None, None)
+        self.servers.close()
 
 
 def run_cell(cell: Cell, repeats: int, turn_rows: list, summary_rows: list) -> None:

@@ -136,6 +136,15 @@ def start_lragent_server(bundle, mode: str, threads: int, extra=(), timeout_s: f
     raise SystemExit(f"lragent serve --mode {mode} did not come up")
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a ``lragent serve`` process (SIGTERM drains and exits; killed after 60 s)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def lragent_http_system(url: str, mode: str) -> HttpSystem:
     """An :class:`HttpSystem` for a running ``lragent serve`` (cache bytes from /metrics, reset endpoint)."""
     return HttpSystem(f"lragent serve {mode}", url + "/v1", metrics_url=url + "/metrics",
