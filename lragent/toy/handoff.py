@@ -60,7 +60,6 @@ CLI: ``python -m lragent.toy.handoff --out DIR [--n-train N --n-eval M --episode
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -68,6 +67,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .task import exact_match, read_jsonl, write_jsonl  # noqa: F401  (shared with the toy task; re-exported)
+from .task import score as _task_score
 
 TASK = "handoff"
 BASE_NAME = "handoff-llama"   # the shipped base of this task: lragent/toy/assets/handoff-llama
@@ -302,18 +302,7 @@ def is_well_formed(text: str) -> bool:
 
 def score(records: Sequence[dict], predictions: Sequence[str]) -> dict[str, dict]:
     """Per-role exact match and well-formedness of ``predictions`` against ``records``."""
-    if len(records) != len(predictions):
-        raise ValueError(f"{len(records)} records but {len(predictions)} predictions")
-    out: dict[str, dict] = {}
-    for rec, pred in zip(records, predictions):
-        s = out.setdefault(rec["role"], {"n": 0, "exact_match": 0, "well_formed": 0})
-        s["n"] += 1
-        s["exact_match"] += exact_match(pred, rec["completion"])
-        s["well_formed"] += is_well_formed(pred)
-    for s in out.values():
-        s["exact_match"] /= s["n"]
-        s["well_formed"] /= s["n"]
-    return out
+    return _task_score(records, predictions, lambda role, text: is_well_formed(text))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -272,8 +272,10 @@ def exact_match(prediction: str, reference: str) -> bool:
     return p == r
 
 
-def score(records: Sequence[dict], predictions: Sequence[str]) -> dict[str, dict]:
-    """Per-role exact-match accuracy and well-formedness rate of ``predictions`` against ``records``."""
+def score(records: Sequence[dict], predictions: Sequence[str], well_formed=None) -> dict[str, dict]:
+    """Per-role exact-match accuracy and well-formedness rate of ``predictions`` against ``records``;
+    ``well_formed(role, text)`` defaults to this task's :func:`is_well_formed`."""
+    well_formed = well_formed or is_well_formed
     if len(records) != len(predictions):
         raise ValueError(f"{len(records)} records but {len(predictions)} predictions")
     out: dict[str, dict] = {}
@@ -281,7 +283,7 @@ def score(records: Sequence[dict], predictions: Sequence[str]) -> dict[str, dict
         s = out.setdefault(rec["role"], {"n": 0, "exact_match": 0, "well_formed": 0})
         s["n"] += 1
         s["exact_match"] += exact_match(pred, rec["completion"])
-        s["well_formed"] += is_well_formed(rec["role"], pred)
+        s["well_formed"] += well_formed(rec["role"], pred)
     for s in out.values():
         s["exact_match"] /= s["n"]
         s["well_formed"] /= s["n"]
