@@ -23,22 +23,20 @@ from __future__ import annotations
 import torch
 
 from ._args import check_paged
-from .cpu_sdpa import DECODE_MAX_Q, attend
+from .cpu_sdpa import DECODE_MAX_Q, attend, group_queries, probabilities, ungroup
 from .cpu_workspace import Scratch, Workspace
 
 
 def prepare_b(b_k: torch.Tensor | None, b_v: torch.Tensor | None) -> dict:
-    """b_k, b_v [N, H_kv, r, D] -> per adapter, fp32: {"k": [r, H_kv*D] (the KV heads side by side), "v": [H_kv, r, D],
-    "k_f"/"v_f": the side-by-side B as a :func:`factor` pair} (None where absent), laid out once for
-    :func:`paged_attention_cpu`."""
-    out = {"k": None, "v": None, "k_f": None, "v_f": None}
+    """b_k, b_v [N, H_kv, r, D] -> per adapter, fp32: {"k_f"/"v_f": B with the KV heads side by side, [r, H_kv*D], as
+    a :func:`factor` pair; "v": [H_kv, r, D]} (None where absent), laid out once for :func:`paged_attention_cpu`."""
+    out = {"v": None, "k_f": None, "v_f": None}
 
     def side_by_side(b):
         n, h_kv, r, d = b.shape
         return list(b.float().permute(0, 2, 1, 3).reshape(n, r, h_kv * d).contiguous())
     if b_k is not None:
-        out["k"] = side_by_side(b_k)
-        out["k_f"] = [factor(b) for b in out["k"]]
+        out["k_f"] = [factor(b) for b in side_by_side(b_k)]
     if b_v is not None:
         out["v"] = list(b_v.float().contiguous())
         out["v_f"] = [factor(b) for b in side_by_side(b_v)]
@@ -166,15 +164,15 @@ class _Source:
         self.plan, self.n_kv, self.d, self.scratch = plan, n_kv, d, scratch
         self.f32 = dtype == torch.float32 and k_cache.dtype == torch.float32
         self.k_flat, self.v_flat = k_cache.reshape(-1, n_kv, d), v_cache.reshape(-1, n_kv, d)   # views if contiguous
-        self.bk = self.bv = None
+        self.bk_f = self.bv = None
         if prepared is not None:
-            self.bk, self.bv, self.bk_f, self.bv_f = prepared["k"], prepared["v"], prepared["k_f"], prepared["v_f"]
+            self.bv, self.bk_f, self.bv_f = prepared["v"], prepared["k_f"], prepared["v_f"]
             if lr_cache is not None:
                 self.lr_flat = lr_cache.reshape(-1, lr_cache.shape[-1])
             else:
                 self.lr_flat = torch.cat([c.reshape(-1, c.shape[-1]) for c in (lr_k_cache, lr_v_cache)
                                           if c is not None], 1)
-            self.r = self.lr_flat.shape[-1] // ((self.bk is not None) + (self.bv is not None))
+            self.r = self.lr_flat.shape[-1] // ((self.bk_f is not None) + (self.bv is not None))
 
     def _gather(self, flat, tok, out):
         if self.f32:
@@ -202,7 +200,7 @@ class _Source:
         k, v = self.base(b, start, end, out)
         lr, a, r = self.lowrank(b, start, end), self.plan.agents[b], self.r
         m, n_kv, d = end - start, self.n_kv, self.d
-        if self.bk is not None:              # K' = K + X cos + rotate_half(X) sin, X = L_k B_k
+        if self.bk_f is not None:            # K' = K + X cos + rotate_half(X) sin, X = L_k B_k
             x = self._times_b(lr[:, :r], self.bk_f[a], self.scratch.get("x", m, n_kv * d)).view(m, n_kv, 2, d // 2)
             cos, sin = self.plan.cos[b][start:end], self.plan.sin[b][start:end].view(m, n_kv, 2, d // 2)
             k.addcmul_(x.view(m, n_kv, d), cos)
@@ -224,19 +222,12 @@ class _Source:
 def _decode_value_lora(qb, src, b, n, scale, causal):
     """A few queries without a workspace: K' expanded, the value term never: O = P V + (P L_v) B_v (the
     Flash-LoRA-Attention reordering, H*sq*r per key instead of H_kv*D*r)."""
-    sq, h, d = qb.shape
-    n_kv = src.n_kv
-    g = h // n_kv
+    sq, h = qb.shape[:2]
     k, v = src.expanded(b, 0, n, value=False)
     lr = src.lowrank(b, 0, n)
-    qg = (qb * scale).view(sq, n_kv, g, d).permute(1, 2, 0, 3).reshape(n_kv, g * sq, d)
-    s = torch.bmm(qg, k.permute(1, 2, 0))                                             # [H_kv, G*sq, n]
-    if sq > 1 and causal:
-        mask = torch.ones(sq, n, dtype=torch.bool, device=qb.device).triu_(n - sq + 1)
-        s = s.view(n_kv, g, sq, n).masked_fill_(mask, float("-inf")).view(n_kv, g * sq, n)
-    p = torch.softmax(s, dim=-1)
+    p = probabilities(group_queries(qb * scale, src.n_kv), k.transpose(0, 1), sq, causal)
     o = torch.bmm(p, v.transpose(0, 1))
     # P times the whole [L_k | L_v] row, then the L_v columns: CPU BLAS is about 2x slower on the r-wide strided
     # slice than on the full (m*r)-wide row, and the extra columns cost nothing here
     o = torch.baddbmm(o, torch.matmul(p, lr)[..., -src.r:], src.bv[src.plan.agents[b]])
-    return o.view(n_kv, g, sq, d).permute(2, 0, 1, 3).reshape(sq, h, d)
+    return ungroup(o, sq, h)

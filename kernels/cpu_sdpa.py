@@ -30,26 +30,38 @@ def flash_available() -> bool:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = True) -> torch.Tensor:
     """softmax(q k^T * scale, causal bottom-right) v for one sequence: q [sq, H, D]; k, v [H_kv, n, D] (views are
     fine) with H a multiple of H_kv (query head h reads KV head h // (H / H_kv)). Returns [sq, H, D] in q's dtype."""
-    sq, h, d = q.shape
+    sq, h = q.shape[:2]
     n_kv, n = k.shape[0], k.shape[1]
-    g = h // n_kv
-    qg = q.view(sq, n_kv, g, d).permute(1, 2, 0, 3).reshape(n_kv, g * sq, d)       # rows: (group member, query)
+    qg = group_queries(q, n_kv)
     if sq <= DECODE_MAX_Q or not causal or sq > n:
-        o = _attend_matmul(qg * scale, k, v, sq, causal)
+        o = torch.bmm(probabilities(qg * scale, k, sq, causal), v)
     elif _FLASH is None:
         o = _attend_masked_sdpa(qg, k, v, scale, sq)
     else:
         o = _attend_split(qg, k, v, scale, sq)
-    return o.view(n_kv, g, sq, d).permute(2, 0, 1, 3).reshape(sq, h, d)
+    return ungroup(o, sq, h)
 
 
-def _attend_matmul(qg, k, v, sq, causal):
+def group_queries(q: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """q [sq, H, D] -> [H_kv, G*sq, D]: each KV head's group of query heads stacked as rows (member, query)."""
+    sq, h, d = q.shape
+    return q.view(sq, n_kv, h // n_kv, d).permute(1, 2, 0, 3).reshape(n_kv, h // n_kv * sq, d)
+
+
+def ungroup(o: torch.Tensor, sq: int, h: int) -> torch.Tensor:
+    """The inverse of :func:`group_queries`: [H_kv, G*sq, D] -> [sq, H, D]."""
+    n_kv, _, d = o.shape
+    return o.view(n_kv, h // n_kv, sq, d).permute(2, 0, 1, 3).reshape(sq, h, d)
+
+
+def probabilities(qg: torch.Tensor, k: torch.Tensor, sq: int, causal: bool) -> torch.Tensor:
+    """softmax(qg k^T, causal bottom-right) [H_kv, G*sq, n] for grouped, already scaled queries; k [H_kv, n, D]."""
     n = k.shape[1]
-    s = torch.bmm(qg, k.transpose(1, 2))                                             # [H_kv, G*sq, n]
+    s = torch.bmm(qg, k.transpose(1, 2))
     if sq > 1 and causal:
         mask = torch.ones(sq, n, dtype=torch.bool, device=qg.device).triu_(n - sq + 1)
         s = s.view(k.shape[0], -1, sq, n).masked_fill_(mask, float("-inf")).view_as(s)
-    return torch.bmm(torch.softmax(s, dim=-1), v)
+    return torch.softmax(s, dim=-1)
 
 
 def _attend_split(qg, k, v, scale, sq):
