@@ -24,7 +24,6 @@ from __future__ import annotations
 import gc
 import inspect
 import time
-from dataclasses import dataclass
 
 import torch
 import transformers
@@ -32,15 +31,7 @@ from packaging.version import Version
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, DynamicCache
 
-
-@dataclass
-class TurnResult:
-    """What one turn produced and cost."""
-    output_ids: list[int]   # generated token ids (greedy), exactly max_new_tokens of them (no EOS stop)
-    ttft_s: float           # seconds from the call until the first generated token id is known
-    total_s: float          # seconds for the whole turn
-    prefilled: int          # prompt tokens this turn had to run through the model
-    reused: int             # prompt tokens whose KV came from a cache
+from systems import TurnResult
 
 
 def kv_tensors(cache) -> list[torch.Tensor]:

@@ -18,11 +18,21 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import httpx
 
-from peer_hf import TurnResult
 from vllm_peer import free_port
+
+
+@dataclass
+class TurnResult:
+    """What one turn produced and cost."""
+    output_ids: list[int]   # generated token ids (greedy), exactly max_new_tokens of them (no EOS stop)
+    ttft_s: float           # seconds from the call until the first generated token id is known
+    total_s: float          # seconds for the whole turn
+    prefilled: int          # prompt tokens this turn had to run through the model
+    reused: int             # prompt tokens whose KV came from a cache
 
 
 class EngineSystem:
@@ -34,14 +44,12 @@ class EngineSystem:
         self.engine = Engine(bundle, mode=mode, **config)
         self.engine.warmup()
         self.name, self.mode = f"lragent {mode}", mode
-        self.peak_workspace = 0
 
     def run_turn(self, prompt_ids, role, max_new_tokens) -> TurnResult:
         """One greedy request through ``Engine.generate``; TTFT from the request's own stats."""
         t0 = time.perf_counter()
         c = self.engine.generate(list(prompt_ids), role, max_new_tokens=max_new_tokens, ignore_eos=True)
         total = time.perf_counter() - t0
-        self.peak_workspace = max(self.peak_workspace, self.engine.stats()["workspace_bytes"])
         return TurnResult(c.token_ids, c.stats.ttft_s, total, len(prompt_ids) - c.stats.reused_tokens,
                           c.stats.reused_tokens)
 
