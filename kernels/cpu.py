@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ._args import check_paged
+from . import cpu_native
 from .cpu_sdpa import DECODE_MAX_Q, attend, group_queries, probabilities, ungroup
 from .cpu_workspace import Scratch, Workspace
 
@@ -137,12 +138,7 @@ def paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
         qb = q[q0:q1] if q.dtype == torch.float32 else q[q0:q1].float()
         req = plan.req_ids[b] if plan.req_ids is not None else None
         if has_lr and workspace is not None and req is not None and workspace.reserve(req, n):
-            start = workspace.filled(req, layer)
-            if start < n:
-                src.expanded(b, start, n, out=workspace.rows(req, layer, start, n))
-                workspace.mark(req, layer, n)
-            k, v = workspace.rows(req, layer, 0, n)
-            o = attend(qb, k.transpose(0, 1), v.transpose(0, 1), scale, causal)
+            o = _attend_workspace(qb, src, b, n, workspace, req, layer, scale, causal)
         elif has_lr and sq <= DECODE_MAX_Q and src.bv is not None:
             o = _decode_value_lora(qb, src, b, n, scale, causal)
         elif has_lr:
@@ -173,6 +169,8 @@ class _Source:
                 self.lr_flat = torch.cat([c.reshape(-1, c.shape[-1]) for c in (lr_k_cache, lr_v_cache)
                                           if c is not None], 1)
             self.r = self.lr_flat.shape[-1] // ((self.bk_f is not None) + (self.bv is not None))
+        self.native = (prepared is not None and self.f32 and self.k_flat.is_contiguous() and
+                       self.v_flat.is_contiguous() and k_cache.device.type == "cpu" and cpu_native.available())
 
     def _gather(self, flat, tok, out):
         if self.f32:
@@ -194,11 +192,15 @@ class _Source:
         return self._gather(self.lr_flat, self.plan.lr_tok[b][start:end],
                             self.scratch.get("lr", end - start, self.lr_flat.shape[-1]))
 
-    def expanded(self, b: int, start: int, end: int, value: bool = True, out=None):
+    def expanded(self, b: int, start: int, end: int, value: bool = True, out=None, lr=None):
         """K' (and V' when ``value``, else base V) [end-start, H_kv, D] of positions start..end-1 of sequence b,
-        into ``out`` or scratch buffers."""
+        into ``out`` or scratch buffers; ``lr``: those positions' rows of :meth:`lowrank`, if already gathered."""
+        if lr is None:
+            lr = self.lowrank(b, start, end)
+        if self.native:
+            return self._expanded_native(b, start, end, value, out, lr)
         k, v = self.base(b, start, end, out)
-        lr, a, r = self.lowrank(b, start, end), self.plan.agents[b], self.r
+        a, r = self.plan.agents[b], self.r
         m, n_kv, d = end - start, self.n_kv, self.d
         if self.bk_f is not None:            # K' = K + X cos + rotate_half(X) sin, X = L_k B_k
             x = self._times_b(lr[:, :r], self.bk_f[a], self.scratch.get("x", m, n_kv * d)).view(m, n_kv, 2, d // 2)
@@ -212,6 +214,30 @@ class _Source:
             v.view(m, n_kv * d).addmm_(lr[:, -r:] if p is None else lr[:, -r:] @ p, q)
         return k, v
 
+    def _expanded_native(self, b, start, end, value, out, lr):
+        """:meth:`expanded` by the native kernel: each of K' and V' in one pass that gathers the cache rows, adds
+        the low-rank term (rotated for K) and writes the result (``cpu_native.expand_rows``)."""
+        tok, m, w, r, a = self.plan.tok[b][start:end], end - start, self.n_kv * self.d, self.r, self.plan.agents[b]
+        if out is None:
+            out = (self.scratch.get("k", m, self.n_kv, self.d), self.scratch.get("v", m, self.n_kv, self.d))
+
+        def factor_rows(cols, pq, name):
+            p = pq[0]
+            return cols if p is None else torch.mm(cols, p, out=self.scratch.get(name, m, p.shape[1]))
+        k, v = out
+        if self.bk_f is not None:
+            cos, sin = self.plan.cos[b][start:end].reshape(m, -1), self.plan.sin[b][start:end].reshape(m, -1)
+            cpu_native.expand_rows(self.k_flat.view(-1, w), tok, factor_rows(lr[:, :r], self.bk_f[a], "lk"),
+                                   self.bk_f[a][1], k.view(m, w), cos, sin, self.d)
+        else:
+            self._gather(self.k_flat, tok, k)
+        if value and self.bv is not None:
+            cpu_native.expand_rows(self.v_flat.view(-1, w), tok, factor_rows(lr[:, -r:], self.bv_f[a], "lv"),
+                                   self.bv_f[a][1], v.view(m, w))
+        else:
+            self._gather(self.v_flat, tok, v)
+        return k, v
+
     @staticmethod
     def _times_b(lr, pq, out):
         """lr @ B for B given as a :func:`factor` pair, into ``out``."""
@@ -219,15 +245,43 @@ class _Source:
         return torch.mm(lr if p is None else lr @ p, q, out=out)
 
 
+def _attend_workspace(qb, src, b, n, ws, req, layer, scale, causal):
+    """Attention of sequence b's queries over its workspace rows, expanding the positions not yet there. With the
+    value term kept apart (``ws.lr_width``): K' and base V and L_v rows are stored; a few queries take
+    O = P V + (P L_v) B_v, a prefill chunk attends over V' = V + L_v B_v expanded into scratch."""
+    split = src.bv is not None and ws.lr_width >= src.r
+    start = ws.filled(req, layer)
+    if start < n:
+        lr = src.lowrank(b, start, n)
+        src.expanded(b, start, n, value=not split, out=ws.rows(req, layer, start, n), lr=lr)
+        if split:
+            ws.lowrank_rows(req, layer, start, n)[:, :src.r] = lr[:, -src.r:]
+        ws.mark(req, layer, n)
+    k, v = ws.rows(req, layer, 0, n)
+    if not split:
+        return attend(qb, k.transpose(0, 1), v.transpose(0, 1), scale, causal)
+    lv, a = ws.lowrank_rows(req, layer, 0, n)[:, :src.r], src.plan.agents[b]
+    if qb.shape[0] <= DECODE_MAX_Q:
+        return _value_lora(qb, k, v, lv, src.r, src.bv[a], src.n_kv, scale, causal)
+    p, q = src.bv_f[a]
+    vx = src.scratch.get("vx", n, src.n_kv, src.d)
+    torch.addmm(v.view(n, -1), lv if p is None else lv @ p, q, out=vx.view(n, -1))
+    return attend(qb, k.transpose(0, 1), vx.transpose(0, 1), scale, causal)
+
+
 def _decode_value_lora(qb, src, b, n, scale, causal):
-    """A few queries without a workspace: K' expanded, the value term never: O = P V + (P L_v) B_v (the
-    Flash-LoRA-Attention reordering, H*sq*r per key instead of H_kv*D*r)."""
-    sq, h = qb.shape[:2]
-    k, v = src.expanded(b, 0, n, value=False)
+    """A few queries without a workspace: K' expanded, the value term never: O = P V + (P L_v) B_v."""
     lr = src.lowrank(b, 0, n)
-    p = probabilities(group_queries(qb * scale, src.n_kv), k.transpose(0, 1), sq, causal)
-    o = torch.bmm(p, v.transpose(0, 1))
+    k, v = src.expanded(b, 0, n, value=False, lr=lr)
     # P times the whole [L_k | L_v] row, then the L_v columns: CPU BLAS is about 2x slower on the r-wide strided
     # slice than on the full (m*r)-wide row, and the extra columns cost nothing here
-    o = torch.baddbmm(o, torch.matmul(p, lr)[..., -src.r:], src.bv[src.plan.agents[b]])
-    return ungroup(o, sq, h)
+    return _value_lora(qb, k, v, lr, src.r, src.bv[src.plan.agents[b]], src.n_kv, scale, causal)
+
+
+def _value_lora(qb, k, v, lv, r, bv, n_kv, scale, causal):
+    """O = P V + (P lv)[..., -r:] B_v for a few queries (the Flash-LoRA-Attention reordering: H*sq*r per key
+    instead of H_kv*D*r), with P = softmax(q K'^T * scale); k, v [n, H_kv, D], lv [n, >= r], bv [H_kv, r, D]."""
+    sq, h = qb.shape[:2]
+    p = probabilities(group_queries(qb * scale, n_kv), k.transpose(0, 1), sq, causal)
+    o = torch.bmm(p, v.transpose(0, 1))
+    return ungroup(torch.baddbmm(o, torch.matmul(p, lv)[..., -r:], bv), sq, h)

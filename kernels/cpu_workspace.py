@@ -5,7 +5,10 @@ K' = K + RoPE(L_k B_k) and V' = V + L_v B_v with its own B. Expanding K' and V' 
 n * r * H_kv * D multiply-adds per layer, several times the attention of one decode step, so re-expanding at every
 step of every running request makes the low-rank modes much slower per token than fullshared. The workspace keeps,
 for each running request, K' and V' of the positions already expanded ([layers, 2, capacity, H_kv, D], fp32); a
-step expands only its new positions, straight into the workspace rows. It is a copy of what the request reads, not cache: the paged pool stays the
+step expands only its new positions, straight into the workspace rows. With ``lr_width`` > 0 it keeps the base V
+instead of V' and the L_v rows beside it ([layers, capacity, lr_width]): decode steps then add the value term as
+(P L_v) B_v (no V' expansion, which on a 1-token hand-off over a long context is as dear as the K' one), and a
+prefill chunk expands V' into a scratch buffer. It is a copy of what the request reads, not cache: the paged pool stays the
 shared store, a request's rows are dropped when it finishes, is aborted or is preempted (``release``: its tensor goes
 to a pool for the next request), and everything held is bounded by ``max_tokens`` rows (a request that does not fit
 runs without one, re-expanding at every step).
@@ -23,15 +26,19 @@ class Workspace:
     the running requests' and the pool's (tensors of finished requests, kept for reuse: fresh multi-MB tensors cost
     page faults on every first touch, which made a hand-off's expansion several times slower)."""
 
-    def __init__(self, num_layers: int, n_kv: int, head_dim: int, max_tokens: int, device="cpu"):
-        self.num_layers, self.n_kv, self.head_dim = num_layers, n_kv, head_dim
+    def __init__(self, num_layers: int, n_kv: int, head_dim: int, max_tokens: int, device="cpu", lr_width: int = 0):
+        self.num_layers, self.n_kv, self.head_dim, self.lr_width = num_layers, n_kv, head_dim, lr_width
         self.max_tokens, self.device = max_tokens, device
-        self.reqs: dict[int, list] = {}       # id -> [tensor [L, 2, cap, H_kv, D], filled rows per layer]
-        self.pool: list[torch.Tensor] = []    # tensors no request uses
+        self.reqs: dict[int, list] = {}       # id -> [(kv [L, 2, cap, H_kv, D], lv [L, cap, lr_width]), filled rows per layer]
+        self.pool: list[tuple] = []           # (kv, lv) pairs no request uses
         self.tokens = 0                       # summed capacity (rows) of every tensor held (requests and pool)
 
     def _bytes(self, rows: int) -> int:
-        return rows * self.num_layers * 2 * self.n_kv * self.head_dim * 4
+        return rows * self.num_layers * (2 * self.n_kv * self.head_dim + self.lr_width) * 4
+
+    @staticmethod
+    def _cap(pair) -> int:
+        return pair[0].shape[2]
 
     @property
     def bytes(self) -> int:
@@ -41,27 +48,28 @@ class Workspace:
     @property
     def running_bytes(self) -> int:
         """Bytes of the running requests' tensors."""
-        return self._bytes(sum(e[0].shape[2] for e in self.reqs.values()))
+        return self._bytes(sum(self._cap(e[0]) for e in self.reqs.values()))
 
-    def _take(self, n: int, budget: int) -> torch.Tensor | None:
-        """A tensor of capacity >= n: the pool's smallest that fits, else a new one of ``budget`` rows if the bound
-        allows (after dropping pooled tensors), else None."""
-        fits = [i for i, t in enumerate(self.pool) if t.shape[2] >= n]
+    def _take(self, n: int, budget: int) -> tuple | None:
+        """A (kv, lv) pair of capacity >= n: the pool's smallest that fits, else a new one of ``budget`` rows if the
+        bound allows (after dropping pooled pairs), else None."""
+        fits = [i for i, t in enumerate(self.pool) if self._cap(t) >= n]
         if fits:
-            return self.pool.pop(min(fits, key=lambda i: self.pool[i].shape[2]))
+            return self.pool.pop(min(fits, key=lambda i: self._cap(self.pool[i])))
         for want in (budget, n):
             while self.tokens + want > self.max_tokens and self.pool:
-                self.tokens -= self.pool.pop(0).shape[2]
+                self.tokens -= self._cap(self.pool.pop(0))
             if self.tokens + want <= self.max_tokens:
                 self.tokens += want
-                return torch.empty(self.num_layers, 2, want, self.n_kv, self.head_dim, dtype=torch.float32,
-                                   device=self.device)
+                kw = dict(dtype=torch.float32, device=self.device)
+                return (torch.empty(self.num_layers, 2, want, self.n_kv, self.head_dim, **kw),
+                        torch.empty(self.num_layers, want, self.lr_width, **kw))
         return None
 
     def reserve(self, req: int, n: int) -> bool:
         """Make room for ``n`` rows of request ``req``; False (and nothing held for it) when the bound forbids it."""
         entry = self.reqs.get(req)
-        cap = 0 if entry is None else entry[0].shape[2]
+        cap = 0 if entry is None else self._cap(entry[0])
         if n <= cap:
             return True
         t = self._take(n, max(n, 2 * cap, 256))
@@ -73,7 +81,8 @@ class Workspace:
         else:                                     # grow: copy, then the old tensor goes to the pool
             old, filled = entry
             for layer, m in enumerate(filled):
-                t[layer, :, :m] = old[layer, :, :m]
+                t[0][layer, :, :m] = old[0][layer, :, :m]
+                t[1][layer, :m] = old[1][layer, :m]
             entry[0] = t
             self.pool.append(old)
         return True
@@ -83,9 +92,14 @@ class Workspace:
         return self.reqs[req][1][layer]
 
     def rows(self, req: int, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views K', V' [end-start, H_kv, D] of positions start..end-1 of ``req`` in ``layer`` (contiguous)."""
-        t = self.reqs[req][0][layer]
+        """Views K', V' (base V with ``lr_width``) [end-start, H_kv, D] of positions start..end-1 of ``req`` in
+        ``layer`` (contiguous)."""
+        t = self.reqs[req][0][0][layer]
         return t[0, start:end], t[1, start:end]
+
+    def lowrank_rows(self, req: int, layer: int, start: int, end: int) -> torch.Tensor:
+        """View of the L_v rows [end-start, lr_width] of positions start..end-1 of ``req`` in ``layer``."""
+        return self.reqs[req][0][1][layer, start:end]
 
     def mark(self, req: int, layer: int, end: int) -> None:
         """Record that positions up to ``end`` of ``req`` are expanded in ``layer``."""
@@ -99,7 +113,7 @@ class Workspace:
 
     def trim(self) -> None:
         """Free the pool (the running requests keep theirs)."""
-        self.tokens -= sum(t.shape[2] for t in self.pool)
+        self.tokens -= sum(self._cap(t) for t in self.pool)
         self.pool.clear()
 
     def clear(self) -> None:

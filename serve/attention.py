@@ -141,5 +141,6 @@ def make_backend(name: str, device: torch.device, *, head_dim: int, rank: int, n
         return KernelBackend(kernels.flash_lora_attention_paged, "triton", **kw)
     if name == "reference":
         return KernelBackend(kernels.flash_lora_attention_paged_ref, "reference", **kw)
-    ws = Workspace(num_layers, n_kv, head_dim, workspace_tokens, device) if lowrank and workspace_tokens else None
+    ws = Workspace(num_layers, n_kv, head_dim, workspace_tokens, device, lr_width=rank) \
+        if lowrank and workspace_tokens else None
     return TorchBackend(workspace=ws, **kw)

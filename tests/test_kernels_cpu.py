@@ -3,7 +3,7 @@ float64 references."""
 import pytest
 import torch
 
-from lragent.kernels import cpu_sdpa
+from lragent.kernels import cpu_native, cpu_sdpa
 from lragent.kernels import flash_lora_attention_paged_ref
 from lragent.kernels.cpu import Plan, paged_attention_cpu
 from lragent.kernels.cpu_workspace import Workspace
@@ -52,6 +52,67 @@ def test_attend_split_path_is_taken():
     assert calls == [True, False]                         # diagonal (causal), then the maskless prefix
 
 
+@pytest.fixture(params=["native", "torch"])
+def expansion(request, monkeypatch):
+    """Each test using it runs with the native expansion kernel and with torch ops only."""
+    if request.param == "native" and not cpu_native.available():
+        pytest.skip(f"native kernel unavailable: {cpu_native.unavailable_reason()}")
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_native, "available", lambda: False)
+    return request.param
+
+
+def rope_tables(n, d, g):
+    """cos/sin [n, d] of HF RoPE layout (halves repeat) at random angles."""
+    ang = torch.rand(n, d // 2, generator=g, dtype=torch.float64) * 6.3
+    return tuple(torch.cat([f(ang)] * 2, 1) for f in (torch.cos, torch.sin))
+
+
+@pytest.mark.parametrize("h_kv,d,q,rope", [(4, 64, 16, True), (2, 128, 5, True), (3, 48, 8, True),
+                                           (1, 20, 3, True), (4, 64, 16, False), (2, 40, 7, False)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_expand_rows_matches_float64(h_kv, d, q, rope, threads, monkeypatch):
+    """out[t] = src[tok[t]] + RoPE_t(lk[t] Q) for head dims with and without a vector remainder (48, 20, 40),
+    lk a strided column slice, out a strided row view, rows split over threads."""
+    if not cpu_native.available():
+        pytest.skip(f"native kernel unavailable: {cpu_native.unavailable_reason()}")
+    monkeypatch.setattr(cpu_native, "MIN_ROWS_PER_THREAD", 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(h_kv * d + q)
+    n, w = 300, h_kv * d
+    src = torch.randn(500, w, generator=g)
+    tok = torch.randperm(500, generator=g)[:n]
+    lk = torch.randn(n, q + 4, generator=g)[:, 2:2 + q]                  # row stride q + 4
+    qm = torch.randn(q, w, generator=g)
+    out = torch.full((n, w + 8), float("nan"))[:, :w]                   # row stride w + 8
+    cos, sin = rope_tables(n, d, g)
+    cpu_native.expand_rows(src, tok, lk, qm, out, *((cos.float(), sin.float(), d) if rope else ()))
+    x = (lk.double() @ qm.double()).view(n, h_kv, d)
+    if rope:
+        c, s_ = cos[:, None], sin[:, None]
+        x = x * c + torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1) * s_
+    ref = src.double()[tok] + x.view(n, w)
+    assert (out.double() - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_native_kernel_off_or_unbuildable(monkeypatch, tmp_path):
+    """LRAGENT_NATIVE=0, or a compiler that fails, leaves the kernel unavailable with the reason (callers then use
+    torch ops); a working build is found again afterwards."""
+    monkeypatch.setenv("LRAGENT_CACHE_DIR", str(tmp_path))
+    try:
+        cpu_native.reset()
+        monkeypatch.setenv("LRAGENT_NATIVE", "0")
+        assert not cpu_native.available() and cpu_native.unavailable_reason() == "LRAGENT_NATIVE=0"
+        cpu_native.reset()
+        monkeypatch.delenv("LRAGENT_NATIVE")
+        monkeypatch.setenv("CC", "false")
+        assert not cpu_native.available() and "false" in cpu_native.unavailable_reason()
+        assert not list(tmp_path.iterdir())                              # nothing half-written left
+    finally:
+        cpu_native.reset()
+        monkeypatch.undo()
+
+
 def steps_of(total, chunks):
     """(start, end) query ranges of a sequence of ``total`` tokens run as prefill chunks then decode steps."""
     out, pos = [], 0
@@ -65,14 +126,15 @@ def steps_of(total, chunks):
 
 
 @pytest.mark.parametrize("key_lora", [True, False])
-def test_workspace_steps_match_reference(key_lora):
+@pytest.mark.parametrize("value_apart", [True, False])
+def test_workspace_steps_match_reference(key_lora, value_apart, expansion):
     """A request run as prefill chunks then decode steps, with a workspace that fills as it goes (and one that
-    starts after a reused prefix, the hand-off), equals the float64 reference at every step; the workspace is
-    bounded and freed."""
+    starts after a reused prefix, the hand-off), equals the float64 reference at every step, holding V' or (with
+    ``lr_width``) base V and the L_v rows; the workspace is bounded and freed."""
     n_total, h, h_kv, d, r = 70, 4, 2, 32, 8
     p = make_paged([n_total], [n_total], h, h_kv, d, r, key_lora=key_lora, block_size=8, seed=3)
     q_all = p.pop("q")
-    ws = Workspace(num_layers=2, n_kv=h_kv, head_dim=d, max_tokens=200)
+    ws = Workspace(num_layers=2, n_kv=h_kv, head_dim=d, max_tokens=200, lr_width=r if value_apart else 0)
     for req, chunks in ((7, [16, 24]), (8, [50])):       # 8 starts with 0 rows filled at position 50's chunk
         for start, end in steps_of(n_total, chunks):
             if req == 8 and start == 0:
@@ -112,7 +174,7 @@ def test_workspace_bound_and_pool():
     assert ws.reserve(4, 10) and ws.tokens == 10                         # the pool was dropped to fit it
 
 
-def test_low_rank_b_is_factored_and_exact():
+def test_low_rank_b_is_factored_and_exact(expansion):
     """B of rank <= r/2 (each role's B in an exact shared basis of several roles) is applied as (L P) Q, with the
     reference's output."""
     from lragent.kernels.cpu import factor, prepare_b
