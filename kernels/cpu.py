@@ -6,17 +6,18 @@ flash kernels for prefill chunks, plain matmuls for a few queries; grouped-query
 repetition):
 
 - base modes: the gathered base K/V;
-- low-rank modes: K' = K + RoPE(L_k B_k) from ONE matmul of the gathered L_k rows against B_k (all KV heads side by
-  side), rotated into the gathered K in place: with X = L B = [X1 | X2] per head, K' = K + X * cos + [-X2 | X1] *
-  sin (HF rotate_half; cos/sin repeat their halves). For a prefill chunk V' = V + L_v B_v is expanded too (the
-  fused kernel needs it); for a few queries without a workspace the value term is never expanded:
-  O = P V + (P L_v) B_v (the Flash-LoRA-Attention reordering, H*Sq*r per key instead of H_kv*D*r).
+- low-rank modes: K' = K + RoPE(L_k B_k): with X = L B = [X1 | X2] per head, K' = K + X * cos + [-X2 | X1] * sin
+  (HF rotate_half), by the native kernel (``cpu_native``: one pass per row that gathers K, accumulates L B in
+  registers and writes K') or, without it, by ONE matmul of the gathered L_k rows against B_k (all KV heads side by
+  side) rotated into the gathered K in place. For a prefill chunk V' = V + L_v B_v is expanded too (the fused
+  kernel needs it); for a few queries the value term is never expanded: O = P V + (P L_v) B_v (the
+  Flash-LoRA-Attention reordering, H*sq*r per key instead of H_kv*D*r).
 
 A serving engine calls :func:`paged_attention_cpu` with extras made once: ``prepared`` (B laid out per adapter, by
 :func:`prepare_b`, once per engine), ``plan`` (a :class:`Plan`: per-step bookkeeping shared by all layers),
 ``lr_cache`` (the [num_lr_blocks, block_size, m*r] tensor of which ``lr_k_cache`` / ``lr_v_cache`` are views: one
 gather instead of two) and a ``workspace`` (``cpu_workspace.Workspace``: each running request's K'/V' rows, so
-that a step expands only its new positions).
+that a step expands only its new positions; with ``lr_width`` it holds K', base V and the L_v rows).
 """
 from __future__ import annotations
 
