@@ -99,8 +99,11 @@ class TorchBackend(AttentionBackend):
         return (0, 0) if self.workspace is None else (self.workspace.bytes, self.workspace.running_bytes)
 
     def prepare(self, b_heads, cos, sin):
+        if not self.lowrank:
+            self.prepared = []
+        elif b_heads is not getattr(self, "b_heads", None):      # not when only the RoPE tables grew
+            self.prepared = [prepare_b(b.get("b_k"), b.get("b_v")) for b in b_heads]
         super().prepare(b_heads, cos, sin)
-        self.prepared = [prepare_b(b.get("b_k"), b.get("b_v")) for b in b_heads] if self.lowrank else []
         self.rope_kv = expand_rope(cos, sin, self.n_kv) if self.lowrank and self.key_lora else (None, None)
 
     def plan(self, batch):

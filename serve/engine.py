@@ -322,7 +322,7 @@ class Engine:
         return out
 
     def clear_cache(self) -> None:
-        """Drop every cached prefix and the attention backend's pooled workspace (requests in flight keep theirs)."""
+        """Drop every cached prefix and the attention backend's workspace arena (requests in flight keep theirs)."""
         with self._lock:
             self.kv.clear()
             self.runner.backend.trim()

@@ -134,7 +134,7 @@ def test_workspace_steps_match_reference(key_lora, value_apart, expansion):
     n_total, h, h_kv, d, r = 70, 4, 2, 32, 8
     p = make_paged([n_total], [n_total], h, h_kv, d, r, key_lora=key_lora, block_size=8, seed=3)
     q_all = p.pop("q")
-    ws = Workspace(num_layers=2, n_kv=h_kv, head_dim=d, max_tokens=200, lr_width=r if value_apart else 0)
+    ws = Workspace(num_layers=2, n_kv=h_kv, head_dim=d, max_tokens=400, lr_width=r if value_apart else 0)
     for req, chunks in ((7, [16, 24]), (8, [50])):       # 8 starts with 0 rows filled at position 50's chunk
         for start, end in steps_of(n_total, chunks):
             if req == 8 and start == 0:
@@ -152,26 +152,43 @@ def test_workspace_steps_match_reference(key_lora, value_apart, expansion):
                 assert (out - plain).abs().max().item() <= 3e-5
             assert ws.filled(req, 1) == end
         assert ws.tokens >= n_total
-    assert ws.tokens <= 200
+    assert ws.tokens <= 400
     ws.release(7)
     ws.release(8)
-    assert ws.running_bytes == 0 and ws.bytes > 0                     # back in the pool
+    assert ws.running_bytes == 0 and ws.bytes > 0                     # back in the arena
     ws.trim()
     assert ws.tokens == 0 and ws.bytes == 0
 
 
-def test_workspace_bound_and_pool():
-    """Nothing past the bound is held (a request that does not fit gets none); a finished request's tensor is
-    reused by the next one; the pool gives way to a request that needs the room."""
-    ws = Workspace(num_layers=1, n_kv=1, head_dim=16, max_tokens=10)
-    assert ws.reserve(1, 8) and ws.tokens == 8
-    assert not ws.reserve(2, 8) and 2 not in ws.reqs
-    t = ws.reqs[1][0]
+def test_workspace_bound_and_arena():
+    """Nothing past the bound is held (a request that does not fit gets none); released rows are reused by the next
+    request at the same offset (no new memory touched); a request grows in place when the rows after it are free,
+    else moves with its rows; trim frees the arena only when nothing runs."""
+    ws = Workspace(num_layers=1, n_kv=1, head_dim=4, max_tokens=1000)
+    assert ws.bytes == 0 and ws.reserve(1, 100)
+    assert ws.reqs[1][:2] == [0, 356] and ws.tokens == 356          # room for its decode: n + 256
+    assert not ws.reserve(2, 700) and 2 not in ws.reqs and ws.tokens == 356      # 644 rows left
     ws.release(1)
-    assert ws.reserve(3, 6) and ws.reqs[3][0] is t and ws.tokens == 8      # reused, nothing new
-    assert not ws.reserve(3, 11) and 3 not in ws.reqs and ws.tokens <= 10
+    assert ws.tokens == 0 and ws.bytes == 356 * ws.row_bytes          # touched rows stay mapped
+    assert ws.reserve(3, 40) and ws.reqs[3][0] == 0 and ws.bytes == 356 * ws.row_bytes    # same rows again
+    assert ws.reserve(3, 400) and ws.reqs[3][:2] == [0, 592]          # grown in place, doubling
+    assert ws.reserve(4, 8) and ws.reqs[4][:2] == [592, 264]
     ws.release(3)
-    assert ws.reserve(4, 10) and ws.tokens == 10                         # the pool was dropped to fit it
+    ws.release(4)
+    assert ws.reserve(5, 20) and ws.reqs[5][:2] == [0, 276]
+    ws.mark(5, 0, 20)
+    ws.rows(5, 0, 0, 20)[0].copy_(torch.arange(80.0).view(20, 1, 4))
+    assert ws.reserve(6, 8) and ws.reqs[6][0] == 276                  # right after 5: 5 must move to grow
+    assert ws.reserve(5, 300) and ws.reqs[5][:2] == [540, 300]        # no room for 2x: exactly n
+    assert torch.equal(ws.rows(5, 0, 0, 20)[0], torch.arange(80.0).view(20, 1, 4))   # its rows moved with it
+    assert ws.tokens <= 1000
+    ws.trim()
+    assert ws.kv is not None                                          # requests still run
+    ws.release(5)
+    ws.release(6)
+    assert ws.free == [[0, 1000]]                                     # ranges merged back
+    ws.trim()
+    assert ws.kv is None and ws.bytes == 0
 
 
 def test_low_rank_b_is_factored_and_exact(expansion):
