@@ -211,8 +211,7 @@ class _Source:
             k2[:, :, 0].addcmul_(x[:, :, 1], sin[:, :, 0], value=-1.0)
             k2[:, :, 1].addcmul_(x[:, :, 0], sin[:, :, 1])
         if value and self.bv is not None:    # V' = V + L_v B_v, all KV heads in one matmul
-            p, q = self.bv_f[a]
-            v.view(m, n_kv * d).addmm_(lr[:, -r:] if p is None else lr[:, -r:] @ p, q)
+            v.view(m, n_kv * d).addmm_(_times_p(lr[:, -r:], self.bv_f[a]), self.bv_f[a][1])
         return k, v
 
     def _expanded_native(self, b, start, end, value, out, lr):
@@ -221,19 +220,15 @@ class _Source:
         tok, m, w, r, a = self.plan.tok[b][start:end], end - start, self.n_kv * self.d, self.r, self.plan.agents[b]
         if out is None:
             out = (self.scratch.get("k", m, self.n_kv, self.d), self.scratch.get("v", m, self.n_kv, self.d))
-
-        def factor_rows(cols, pq, name):
-            p = pq[0]
-            return cols if p is None else torch.mm(cols, p, out=self.scratch.get(name, m, p.shape[1]))
         k, v = out
         if self.bk_f is not None:
             cos, sin = self.plan.cos[b][start:end].reshape(m, -1), self.plan.sin[b][start:end].reshape(m, -1)
-            cpu_native.expand_rows(self.k_flat.view(-1, w), tok, factor_rows(lr[:, :r], self.bk_f[a], "lk"),
+            cpu_native.expand_rows(self.k_flat.view(-1, w), tok, _times_p(lr[:, :r], self.bk_f[a], self.scratch, "lk"),
                                    self.bk_f[a][1], k.view(m, w), cos, sin, self.d)
         else:
             self._gather(self.k_flat, tok, k)
         if value and self.bv is not None:
-            cpu_native.expand_rows(self.v_flat.view(-1, w), tok, factor_rows(lr[:, -r:], self.bv_f[a], "lv"),
+            cpu_native.expand_rows(self.v_flat.view(-1, w), tok, _times_p(lr[:, -r:], self.bv_f[a], self.scratch, "lv"),
                                    self.bv_f[a][1], v.view(m, w))
         else:
             self._gather(self.v_flat, tok, v)
@@ -242,8 +237,16 @@ class _Source:
     @staticmethod
     def _times_b(lr, pq, out):
         """lr @ B for B given as a :func:`factor` pair, into ``out``."""
-        p, q = pq
-        return torch.mm(lr if p is None else lr @ p, q, out=out)
+        return torch.mm(_times_p(lr, pq), pq[1], out=out)
+
+
+def _times_p(lr, pq, scratch: Scratch | None = None, name: str = ""):
+    """lr @ P for B given as a :func:`factor` pair (P, Q), so that lr @ B = (lr @ P) @ Q; lr itself when B is not
+    factored (P None). Into the scratch buffer ``name`` when ``scratch`` is given."""
+    p = pq[0]
+    if p is None:
+        return lr
+    return torch.mm(lr, p, out=scratch.get(name, lr.shape[0], p.shape[1])) if scratch is not None else lr @ p
 
 
 def _attend_workspace(qb, src, b, n, ws, req, layer, scale, causal):
@@ -264,9 +267,8 @@ def _attend_workspace(qb, src, b, n, ws, req, layer, scale, causal):
     lv, a = ws.lowrank_rows(req, layer, 0, n)[:, :src.r], src.plan.agents[b]
     if qb.shape[0] <= DECODE_MAX_Q:
         return _value_lora(qb, k, v, lv, src.r, src.bv[a], src.n_kv, scale, causal)
-    p, q = src.bv_f[a]
     vx = src.scratch.get("vx", n, src.n_kv, src.d)
-    torch.addmm(v.view(n, -1), lv if p is None else lv @ p, q, out=vx.view(n, -1))
+    torch.addmm(v.view(n, -1), _times_p(lv, src.bv_f[a]), src.bv_f[a][1], out=vx.view(n, -1))
     return attend(qb, k.transpose(0, 1), vx.transpose(0, 1), scale, causal)
 
 

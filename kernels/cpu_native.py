@@ -55,6 +55,7 @@ def _build() -> ctypes.CDLL | None:
         key = hashlib.sha256(src + repr((cc, flags, _cpu_key(), platform.machine())).encode()).hexdigest()[:16]
         lib = cache / f"cpu_expand-{key}.so"
         if not lib.is_file():
+            tmp = None
             try:
                 cache.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
@@ -66,7 +67,9 @@ def _build() -> ctypes.CDLL | None:
                     errors.append(f"{cc} {' '.join(flags)}: {(run.stderr.strip().splitlines() or ['failed'])[-1]}")
                     continue
                 os.replace(tmp, lib)
-            except (OSError, subprocess.SubprocessError) as e:
+            except (OSError, subprocess.SubprocessError) as e:    # a timeout, say: leave no partial file
+                if tmp is not None and os.path.exists(tmp):
+                    os.unlink(tmp)
                 errors.append(f"{cc} {' '.join(flags)}: {e}")
                 continue
         try:
