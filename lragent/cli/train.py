@@ -16,8 +16,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train from parsed arguments; 0, or 2 after one ``error:`` block on stderr."""
-    import torch.distributed as dist
-
     from lragent.bundle import BundleError
     from lragent.train.config import ConfigError, load_config
     from lragent.train.data import DataError
@@ -25,18 +23,30 @@ def run_train(args: argparse.Namespace) -> int:
 
     from .embedded import EMBEDDED
 
+    ok = False
     try:
         cfg = load_config(args.config, args.overrides)
         out = train(cfg, resume=args.resume, overwrite=args.overwrite, embedded=EMBEDDED)
+        ok = True
     except (ConfigError, DataError, TrainError, BundleError) as e:
         msg = str(e) if isinstance(e, ConfigError) else " ".join(str(e).split())
         print(f"error: {msg}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        _close_group(wait=ok)
     print(f"run written to {out.run_dir}")
     return 0
+
+
+def _close_group(wait: bool) -> None:
+    """Destroy the process group of a multi-process run; first wait for every rank (``wait``, after a run that
+    succeeded), so that no rank closes its connections while another still has collectives in flight."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
