@@ -145,6 +145,8 @@ def paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
         elif has_lr:
             k, v = src.expanded(b, 0, n)
             o = attend(qb, k.transpose(0, 1), v.transpose(0, 1), scale, causal)
+        elif sq == 1 and src.native_rows:
+            o = _decode_native(qb, src, scale, src.k_flat2, src.v_flat2, n, plan.tok[b], plan.tok[b])
         else:
             k, v = src.base(b, 0, n)
             o = attend(qb, k.transpose(0, 1), v.transpose(0, 1), scale, causal)
@@ -170,8 +172,11 @@ class _Source:
                 self.lr_flat = torch.cat([c.reshape(-1, c.shape[-1]) for c in (lr_k_cache, lr_v_cache)
                                           if c is not None], 1)
             self.r = self.lr_flat.shape[-1] // ((self.bk_f is not None) + (self.bv is not None))
-        self.native = (prepared is not None and self.f32 and self.k_flat.is_contiguous() and
-                       self.v_flat.is_contiguous() and k_cache.device.type == "cpu" and cpu_native.available())
+        self.native_rows = (self.f32 and self.k_flat.is_contiguous() and self.v_flat.is_contiguous() and
+                            k_cache.device.type == "cpu" and cpu_native.available())
+        self.native = prepared is not None and self.native_rows
+        if self.native_rows:        # rows of H_kv * D, what the native kernels read
+            self.k_flat2, self.v_flat2 = self.k_flat.view(-1, n_kv * d), self.v_flat.view(-1, n_kv * d)
 
     def _gather(self, flat, tok, out):
         if self.f32:
@@ -221,18 +226,24 @@ class _Source:
         if out is None:
             out = (self.scratch.get("k", m, self.n_kv, self.d), self.scratch.get("v", m, self.n_kv, self.d))
         k, v = out
-        if self.bk_f is not None:
-            cos, sin = self.plan.cos[b][start:end].reshape(m, -1), self.plan.sin[b][start:end].reshape(m, -1)
-            cpu_native.expand_rows(self.k_flat.view(-1, w), tok, _times_p(lr[:, :r], self.bk_f[a], self.scratch, "lk"),
-                                   self.bk_f[a][1], k.view(m, w), cos, sin, self.d)
-        else:
-            self._gather(self.k_flat, tok, k)
+        self.keys_native(b, start, end, lr, k.view(m, w))
         if value and self.bv is not None:
             cpu_native.expand_rows(self.v_flat.view(-1, w), tok, _times_p(lr[:, -r:], self.bv_f[a], self.scratch, "lv"),
                                    self.bv_f[a][1], v.view(m, w))
         else:
             self._gather(self.v_flat, tok, v)
         return k, v
+
+    def keys_native(self, b: int, start: int, end: int, lr: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """K' (base K without a key term) [end-start, H_kv*D] of positions start..end-1 of sequence b into ``out``,
+        by the native kernel; ``lr``: those positions' rows of :meth:`lowrank`."""
+        tok = self.plan.tok[b][start:end]
+        if self.bk_f is None:
+            return torch.index_select(self.k_flat2, 0, tok, out=out)
+        m, a = end - start, self.plan.agents[b]
+        cos, sin = self.plan.cos[b][start:end].reshape(m, -1), self.plan.sin[b][start:end].reshape(m, -1)
+        return cpu_native.expand_rows(self.k_flat2, tok, _times_p(lr[:, :self.r], self.bk_f[a], self.scratch, "lk"),
+                                      self.bk_f[a][1], out, cos, sin, self.d)
 
     @staticmethod
     def _times_b(lr, pq, out):
@@ -265,6 +276,8 @@ def _attend_workspace(qb, src, b, n, ws, req, layer, scale, causal):
     if not split:
         return attend(qb, k.transpose(0, 1), v.transpose(0, 1), scale, causal)
     lv, a = ws.lowrank_rows(req, layer, 0, n)[:, :src.r], src.plan.agents[b]
+    if qb.shape[0] == 1 and src.native_rows:
+        return _decode_native(qb, src, scale, k.view(n, -1), v.view(n, -1), n, lv=lv, bv=src.bv[a])
     if qb.shape[0] <= DECODE_MAX_Q:
         return _value_lora(qb, k, v, lv, src.r, src.bv[a], src.n_kv, scale, causal)
     vx = src.scratch.get("vx", n, src.n_kv, src.d)
@@ -275,10 +288,27 @@ def _attend_workspace(qb, src, b, n, ws, req, layer, scale, causal):
 def _decode_value_lora(qb, src, b, n, scale, causal):
     """A few queries without a workspace: K' expanded, the value term never: O = P V + (P L_v) B_v."""
     lr = src.lowrank(b, 0, n)
+    if qb.shape[0] == 1 and src.native:
+        k = src.keys_native(b, 0, n, lr, src.scratch.get("k", n, src.n_kv * src.d))
+        return _decode_native(qb, src, scale, k, src.v_flat2, n, v_tok=src.plan.tok[b], lv=lr[:, -src.r:],
+                              bv=src.bv[src.plan.agents[b]])
     k, v = src.expanded(b, 0, n, value=False, lr=lr)
     # P times the whole [L_k | L_v] row, then the L_v columns: CPU BLAS is about 2x slower on the r-wide strided
     # slice than on the full (m*r)-wide row, and the extra columns cost nothing here
     return _value_lora(qb, k, v, lr, src.r, src.bv[src.plan.agents[b]], src.n_kv, scale, causal)
+
+
+def _decode_native(qb, src, scale, k, v, n, k_tok=None, v_tok=None, lv=None, bv=None):
+    """One query over n key rows by the native kernel (``cpu_native.decode_attention``, rows read in place),
+    plus the value term (P lv) B_v when ``lv`` [n, r] and ``bv`` [H_kv, r, D] are given; [1, H, D]."""
+    h, d, n_kv = qb.shape[1], qb.shape[2], src.n_kv
+    r = lv.shape[1] if lv is not None else 0
+    o, pl = cpu_native.decode_attention(qb[0].contiguous(), k, v, n, scale, k_tok, v_tok, lv,
+                                        scores=src.scratch.get("s", h, n), out=src.scratch.get("o", h, d),
+                                        pl=src.scratch.get("pl", h, r) if lv is not None else None)
+    if lv is not None:
+        o.view(n_kv, h // n_kv, d).baddbmm_(pl.view(n_kv, h // n_kv, r), bv)
+    return o.view(1, h, d)
 
 
 def _value_lora(qb, k, v, lv, r, bv, n_kv, scale, causal):

@@ -95,6 +95,36 @@ def test_native_expand_rows_matches_float64(h_kv, d, q, rope, threads, monkeypat
     assert (out.double() - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("h,h_kv,d,r", [(16, 4, 64, 48), (8, 2, 128, 16), (6, 2, 40, 5), (3, 1, 20, 0),
+                                        (12, 4, 32, 0), (5, 5, 48, 12)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("indexed", [True, False])
+def test_native_decode_attention_matches_float64(h, h_kv, d, r, threads, indexed, monkeypatch):
+    """One query over n cache rows read in place (by index, or rows 0..n-1 of strided views), P L_v alongside:
+    groups of 4, 3, 1 query heads per KV head, head dims with and without a vector remainder (40, 20), r not a
+    multiple of 8, KV heads split over threads."""
+    if not cpu_native.available():
+        pytest.skip(f"native kernel unavailable: {cpu_native.unavailable_reason()}")
+    monkeypatch.setattr(cpu_native, "MIN_ROWS_PER_THREAD", 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(h * d + r)
+    n, w = 333, h_kv * d
+    q = torch.randn(h, d, generator=g)
+    kv = torch.randn(2, 500, w + 8, generator=g)[..., 4:4 + w] * 3         # rows of stride w + 8
+    tok = torch.randperm(500, generator=g)[:n] if indexed else None
+    lv = torch.randn(n, r + 3, generator=g)[:, 1:1 + r] if r else None
+    o, pl = cpu_native.decode_attention(q, kv[0], kv[1], n, d ** -0.5, tok, tok, lv)
+    rows = tok if indexed else torch.arange(n)
+    k, v = (t.double()[rows].view(n, h_kv, d).transpose(0, 1) for t in kv)
+    ref = dense_ref(q[None], k, v, d ** -0.5)[0]
+    assert (o.double() - ref).abs().max().item() <= 2e-5
+    if r:
+        s = torch.einsum("hd,hnd->hn", q.double(), k.repeat_interleave(h // h_kv, 0)) * d ** -0.5
+        assert (pl.double() - torch.softmax(s, -1) @ lv.double()).abs().max().item() <= 2e-5
+    else:
+        assert pl is None
+
+
 def test_native_kernel_off_or_unbuildable(monkeypatch, tmp_path):
     """LRAGENT_NATIVE=0, or a compiler that fails, leaves the kernel unavailable with the reason (callers then use
     torch ops); a working build is found again afterwards."""
