@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from lragent.bundle import Bundle, layer_of, target_of
+from lragent.kernels.cpu import factor
 
 from .config import ServeError
 from .models.config import ModelConfig
@@ -21,10 +22,25 @@ class LoraModule:
     a: torch.Tensor          # shared: [r, in]; per role: [N, r, in]   (scaled by s)
     b: torch.Tensor          # [N, out, r]
     shared: bool
+    compact: list | None = None   # per role (A_t [in, q], B_t [q, out]): the delta at the role's own rank q
 
     def project(self, x: torch.Tensor, role: int | None = None) -> torch.Tensor:
         """L = s x A for the role (or the shared A): [T, r]."""
         return x @ (self.a if self.shared else self.a[role]).T
+
+
+def compact_pair(a: torch.Tensor, b: torch.Tensor, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_t [in, q], B_t [q, out]) with x A^T B^T = x A_t B_t, q the role's own rank: zero rank components (the
+    padding of a bundle's uniform rank) dropped, exactly; for a shared A, B (rank q of the shared r = N * q in an
+    exact basis of N roles) factored as B^T = P Q (``kernels.cpu.factor``) and A_t = A^T P. Per token that is what
+    the role's original adapter costs (in + out) * q, not (in + out) * r."""
+    keep = (a.abs().sum(1) > 0) & (b.abs().sum(0) > 0)
+    a, b = a[keep], b[:, keep]
+    if shared and a.shape[0]:
+        p, q = factor(b.T.contiguous())
+        if p is not None:
+            return (a.double().T @ p.double()).to(a.dtype).contiguous(), q.to(b.dtype).contiguous()
+    return a.T.contiguous(), b.T.contiguous()
 
 
 # A group is (role index, token indices or None for "all tokens of the batch").
@@ -34,13 +50,12 @@ Groups = list[tuple[int, torch.Tensor | None]]
 def lora_delta(x: torch.Tensor, mod: LoraModule, groups: Groups) -> torch.Tensor:
     """Per-token LoRA delta where each group of tokens uses its role's adapter: [T, out]."""
     if len(groups) == 1 and groups[0][1] is None:
-        role = groups[0][0]
-        return mod.project(x, role) @ mod.b[role].T
+        a_t, b_t = mod.compact[groups[0][0]]
+        return (x @ a_t) @ b_t
     out = x.new_zeros(x.shape[0], mod.b.shape[1])
-    xa_all = x @ mod.a.T if mod.shared else None
     for role, idx in groups:
-        xa = xa_all[idx] if mod.shared else x[idx] @ mod.a[role].T
-        out[idx] = xa @ mod.b[role].T
+        a_t, b_t = mod.compact[role]
+        out[idx] = (x[idx] @ a_t) @ b_t
     return out
 
 
@@ -106,7 +121,12 @@ class RoleAdapters:
         self.family = fam
 
     def _derive(self) -> None:
-        """Layouts made from the stacked tensors: per-head B of the cached projections and the fused shared A."""
+        """Layouts made from the stacked tensors: each role's compact pair per module, per-head B of the cached
+        projections and the fused shared A."""
+        for mods in self.layers:
+            for mod in mods.values():
+                mod.compact = [compact_pair(mod.a if mod.shared else mod.a[i], mod.b[i], mod.shared)
+                               for i in range(mod.b.shape[0])]
         cfg, r = self.cfg, self.rank
         hk, d = cfg.num_kv_heads, cfg.head_dim
         # B of the cached projections in the kernel's per-head layout [N, H_kv, r, D].
