@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from lragent.serve.config import ServeConfig
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plots  # noqa: E402
 import traces  # noqa: E402
@@ -244,7 +246,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=("random", "embedded"), default="random")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (every system alike)")
-    ap.add_argument("--max-batch-tokens", type=int, default=512, help="lragent's tokens per engine step")
+    ap.add_argument("--max-batch-tokens", type=int, default=ServeConfig.max_batch_tokens,
+                    help="lragent's tokens per engine step")
     ap.add_argument("--vllm", help="the vllm executable (default: $LRAGENT_VLLM, then vllm on PATH)")
     ap.add_argument("--workdir", default="/tmp/lragent-bench", help="where models and bundles are built")
     ap.add_argument("--out", default=str(RESULTS))

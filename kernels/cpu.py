@@ -45,12 +45,17 @@ def prepare_b(b_k: torch.Tensor | None, b_v: torch.Tensor | None) -> dict:
     return out
 
 
-def factor(b: torch.Tensor, rtol: float = 1e-7) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """A role's B [r, W] as (P [r, q], Q [q, W]) with B = P Q to fp32 precision (singular values below rtol times
-    the largest dropped), when its rank q is at most r/2; else (None, B). In a shared basis of N roles' adapters
-    (``import-peft --share-a exact``: r = N * r_role) each role's B has rank r_role, so L B = (L P) Q costs
-    r*q + q*W per row instead of r*W."""
+def factor(b: torch.Tensor, rtol: float = 1e-7) -> tuple[torch.Tensor | slice | None, torch.Tensor]:
+    """A role's B [r, W] as (P, Q) with L B = (L P) Q, when that is cheaper: P a slice of rows when B is zero outside
+    one block of at most r/2 rows (a block basis of ``import-peft --share-a exact``: L P is a view of L's columns,
+    Q those rows of B, exactly); else P [r, q], Q [q, W] with B = P Q to fp32 precision (singular values below rtol
+    times the largest dropped) when its rank q is at most r/2; else (None, B). In a shared basis of N roles'
+    adapters (r = N * r_role) each role's B has rank r_role, so L B = (L P) Q costs r*q + q*W per row instead of
+    r*W, and a block costs q*W."""
     r = b.shape[0]
+    nz = (b != 0).any(1).nonzero().flatten().tolist()
+    if r >= 8 and nz and nz[-1] + 1 - nz[0] <= r // 2:
+        return slice(nz[0], nz[-1] + 1), b[nz[0]:nz[-1] + 1].float().contiguous()
     u, sv, vh = torch.linalg.svd(b.double(), full_matrices=False)
     q = int((sv > sv[0] * rtol).sum()) if sv.numel() and sv[0] > 0 else 0
     if r < 8 or q > r // 2:
@@ -117,7 +122,7 @@ def paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
                         lr_cache: torch.Tensor | None = None, plan: Plan | None = None,
                         workspace: Workspace | None = None, layer: int = 0, scratch: Scratch | None = None):
     """The fast path with the engine's extras (``prepared``, ``plan``, ``lr_cache``, a :class:`Workspace` of
-    expanded K'/V' per request with the ``layer`` index, a :class:`Scratch` of reusable buffers; see the module
+    expanded K' per request with the ``layer`` index, a :class:`Scratch` of reusable buffers; see the module
     doc); inputs are not checked."""
     total_q, n_heads, d = q.shape
     n_kv = k_cache.shape[2]
@@ -133,25 +138,72 @@ def paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
     out = torch.empty_like(q)
     for b, n in enumerate(plan.lens):
         q0, q1 = plan.cu[b], plan.cu[b + 1]
-        sq = q1 - q0
-        if sq == 0:
+        if q1 == q0:
             continue
         qb = q[q0:q1] if q.dtype == torch.float32 else q[q0:q1].float()
         req = plan.req_ids[b] if plan.req_ids is not None else None
-        if has_lr and workspace is not None and req is not None and workspace.reserve(req, n):
-            o = _attend_workspace(qb, src, b, n, workspace, req, layer, scale, causal)
-        elif has_lr and sq <= DECODE_MAX_Q and src.bv is not None:
-            o = _decode_value_lora(qb, src, b, n, scale, causal)
-        elif has_lr:
-            k, v = src.expanded(b, 0, n)
-            o = attend(qb, k.transpose(0, 1), v.transpose(0, 1), scale, causal)
-        elif sq == 1 and src.native_rows:
-            o = _decode_native(qb, src, scale, src.k_flat2, src.v_flat2, n, plan.tok[b], plan.tok[b])
-        else:
-            k, v = src.base(b, 0, n)
-            o = attend(qb, k.transpose(0, 1), v.transpose(0, 1), scale, causal)
-        out[q0:q1] = o
+        ws = workspace if has_lr and src.bk_f is not None and req is not None else None
+        out[q0:q1] = _attend_sequence(qb, src, b, n, scale, causal, ws if ws and ws.reserve(req, n) else None,
+                                      req, layer)
     return out
+
+
+def _attend_sequence(qb, src, b, n, scale, causal, ws, req, layer):
+    """Attention of sequence b's queries over its n positions. Keys: base K, or K' from the request's workspace
+    rows (expanding the positions not there yet), or K' expanded into scratch. One query with the native kernels:
+    see :func:`_decode_native`. Otherwise the rows are gathered: V' (base V + L_v B_v) for the fused prefill kernel,
+    or for a few queries P V + (P L_v) B_v."""
+    if qb.shape[0] == 1 and src.native_rows:
+        return _decode_native(qb, src, b, n, scale, ws, req, layer)
+    if src.bk_f is None:                                          # keys carry no LoRA: base K
+        k = src.gather_k(b, n)
+    elif ws is not None:
+        start = ws.filled(req, layer)
+        if start < n:
+            src.keys(b, start, n, ws.rows(req, layer, start, n))
+            ws.mark(req, layer, n)
+        k = ws.rows(req, layer, 0, n)
+    else:
+        k = src.keys(b, 0, n, src.scratch.get("k", n, src.n_kv, src.d))
+    if src.bv is not None and qb.shape[0] <= DECODE_MAX_Q:
+        # P times the whole [L_k | L_v] row, then the L_v columns: CPU BLAS is about 2x slower on the r-wide strided
+        # slice than on the full (m*r)-wide row, and the extra columns cost nothing here
+        return _value_lora(qb, k, src.gather_v(b, n), src.lowrank(b, 0, n), src.r, src.bv[src.plan.agents[b]],
+                           src.n_kv, scale, causal)
+    v = src.values(b, n) if src.bv is not None else src.gather_v(b, n)
+    return attend(qb, k.transpose(0, 1), v.transpose(0, 1), scale, causal)
+
+
+def _decode_native(qb, src, b, n, scale, ws, req, layer):
+    """One query by the native kernels, every row read in place from the caches: scores over base K, or over K'
+    (the workspace rows already expanded, then the new positions expanded into the workspace, or into scratch
+    without one, with their scores in the same pass); then P V and, with a value term, (P L_v) B_v; [1, H, D]."""
+    h, d, n_kv, tok = qb.shape[1], qb.shape[2], src.n_kv, src.plan.tok[b]
+    q = qb[0].contiguous()
+    s = src.scratch.get("s", h, n)
+    if src.bk_f is None:
+        cpu_native.decode_scores(q, src.k_flat2, n, scale, s, tok)
+    else:
+        start = ws.filled(req, layer) if ws is not None else 0
+        if start:
+            cpu_native.decode_scores(q, ws.rows(req, layer, 0, start).view(start, -1), start, scale, s[:, :start])
+        if start < n:
+            out = ws.rows(req, layer, start, n) if ws is not None else src.scratch.get("k", n - start, n_kv, d)
+            src.keys(b, start, n, out, query=q, scores=s[:, start:], scale=scale)
+            if ws is not None:
+                ws.mark(req, layer, n)
+    lv = bv = None
+    if src.bv is not None:
+        a = src.plan.agents[b]
+        lv, bv = src.lr_flat[:, -src.r:], src.bv[a]
+        if isinstance(src.bv_f[a][0], slice):          # a block basis: only the role's columns of L_v
+            lv, bv = lv[:, src.bv_f[a][0]], bv[:, src.bv_f[a][0]]
+    o, pl = cpu_native.decode_values(s, src.v_flat2, n, src.scratch.get("o", h, d), tok, lv,
+                                     src.plan.lr_tok[b] if lv is not None else None,
+                                     src.scratch.get("pl", h, lv.shape[1]) if lv is not None else None)
+    if lv is not None:
+        o.view(n_kv, h // n_kv, d).baddbmm_(pl.view(n_kv, h // n_kv, -1), bv)
+    return o.view(1, h, d)
 
 
 class _Source:
@@ -173,8 +225,8 @@ class _Source:
                                           if c is not None], 1)
             self.r = self.lr_flat.shape[-1] // ((self.bk_f is not None) + (self.bv is not None))
         self.native_rows = (self.f32 and self.k_flat.is_contiguous() and self.v_flat.is_contiguous() and
-                            k_cache.device.type == "cpu" and cpu_native.available())
-        self.native = prepared is not None and self.native_rows
+                            k_cache.device.type == "cpu" and cpu_native.available() and
+                            (prepared is None or self.lr_flat.dtype == torch.float32))
         if self.native_rows:        # rows of H_kv * D, what the native kernels read
             self.k_flat2, self.v_flat2 = self.k_flat.view(-1, n_kv * d), self.v_flat.view(-1, n_kv * d)
 
@@ -183,6 +235,14 @@ class _Source:
             return torch.index_select(flat, 0, tok, out=out)
         out.copy_(flat.index_select(0, tok))
         return out
+
+    def gather_k(self, b: int, n: int) -> torch.Tensor:
+        """Base K [n, H_kv, D] of positions 0..n-1 of sequence b (a scratch buffer)."""
+        return self._gather(self.k_flat, self.plan.tok[b][:n], self.scratch.get("k", n, self.n_kv, self.d))
+
+    def gather_v(self, b: int, n: int) -> torch.Tensor:
+        """Base V [n, H_kv, D] of positions 0..n-1 of sequence b (a scratch buffer)."""
+        return self._gather(self.v_flat, self.plan.tok[b][:n], self.scratch.get("v", n, self.n_kv, self.d))
 
     def base(self, b: int, start: int, end: int, out=None):
         """Base K, V [end-start, H_kv, D] of positions start..end-1 of sequence b, written into ``out`` (a pair of
@@ -193,62 +253,68 @@ class _Source:
             out = (self.scratch.get("k", m, self.n_kv, self.d), self.scratch.get("v", m, self.n_kv, self.d))
         return self._gather(self.k_flat, tok, out[0]), self._gather(self.v_flat, tok, out[1])
 
-    def lowrank(self, b: int, start: int, end: int):
-        """The rows [L_k | L_v] [end-start, m*r] of positions start..end-1 of sequence b (a scratch buffer)."""
-        return self._gather(self.lr_flat, self.plan.lr_tok[b][start:end],
-                            self.scratch.get("lr", end - start, self.lr_flat.shape[-1]))
+    def lowrank(self, b: int, start: int, end: int, part: str | None = None) -> torch.Tensor:
+        """The rows [L_k | L_v] [end-start, m*r] of positions start..end-1 of sequence b, or only their L_k
+        (``part="k"``) or L_v (``"v"``) columns (a scratch buffer)."""
+        flat = self.lr_flat if part is None else self.lr_flat[:, :self.r] if part == "k" else \
+            self.lr_flat[:, -self.r:]
+        return self._gather(flat, self.plan.lr_tok[b][start:end],
+                            self.scratch.get("lr" + (part or ""), end - start, flat.shape[-1]))
 
-    def expanded(self, b: int, start: int, end: int, value: bool = True, out=None, lr=None):
-        """K' (and V' when ``value``, else base V) [end-start, H_kv, D] of positions start..end-1 of sequence b,
-        into ``out`` or scratch buffers; ``lr``: those positions' rows of :meth:`lowrank`, if already gathered."""
-        if lr is None:
-            lr = self.lowrank(b, start, end)
-        if self.native:
-            return self._expanded_native(b, start, end, value, out, lr)
-        k, v = self.base(b, start, end, out)
-        a, r = self.plan.agents[b], self.r
-        m, n_kv, d = end - start, self.n_kv, self.d
-        if self.bk_f is not None:            # K' = K + X cos + rotate_half(X) sin, X = L_k B_k
-            x = self._times_b(lr[:, :r], self.bk_f[a], self.scratch.get("x", m, n_kv * d)).view(m, n_kv, 2, d // 2)
-            cos, sin = self.plan.cos[b][start:end], self.plan.sin[b][start:end].view(m, n_kv, 2, d // 2)
-            k.addcmul_(x.view(m, n_kv, d), cos)
-            k2 = k.view(m, n_kv, 2, d // 2)
-            k2[:, :, 0].addcmul_(x[:, :, 1], sin[:, :, 0], value=-1.0)
-            k2[:, :, 1].addcmul_(x[:, :, 0], sin[:, :, 1])
-        if value and self.bv is not None:    # V' = V + L_v B_v, all KV heads in one matmul
-            v.view(m, n_kv * d).addmm_(_times_p(lr[:, -r:], self.bv_f[a]), self.bv_f[a][1])
-        return k, v
+    def keys(self, b: int, start: int, end: int, out: torch.Tensor, query=None, scores=None,
+             scale: float = 1.0) -> torch.Tensor:
+        """K' = K + RoPE(L_k B_k) [end-start, H_kv, D] of positions start..end-1 of sequence b into ``out``: the
+        native kernel (one pass per row: gather, accumulate L B in registers, rotate, write; with ``query`` [H, D]
+        also its ``scores`` [H, end-start] against the new rows, see ``cpu_native.expand_rows``) or torch ops (ONE
+        matmul of the L_k rows against B_k, all KV heads side by side, rotated into the gathered K in place)."""
+        a, m, n_kv, d = self.plan.agents[b], end - start, self.n_kv, self.d
+        cos, sin = self.plan.cos[b][start:end], self.plan.sin[b][start:end]
+        if self.native_rows:
+            self._expand_native(self.k_flat2, b, start, end, self.lr_flat[:, :self.r], self.bk_f[a],
+                                out.view(m, n_kv * d), cos.reshape(m, -1), sin.reshape(m, -1), query=query,
+                                scores=scores, scale=scale)
+            return out
+        lk = self.lowrank(b, start, end, "k")
+        k = self._gather(self.k_flat, self.plan.tok[b][start:end], out)
+        x = torch.mm(_times_p(lk, self.bk_f[a]), self.bk_f[a][1], out=self.scratch.get("x", m, n_kv * d))
+        x = x.view(m, n_kv, 2, d // 2)
+        sin = sin.view(m, n_kv, 2, d // 2)
+        k.addcmul_(x.view(m, n_kv, d), cos)          # K' = K + X cos + rotate_half(X) sin
+        k2 = k.view(m, n_kv, 2, d // 2)
+        k2[:, :, 0].addcmul_(x[:, :, 1], sin[:, :, 0], value=-1.0)
+        k2[:, :, 1].addcmul_(x[:, :, 0], sin[:, :, 1])
+        return k
 
-    def _expanded_native(self, b, start, end, value, out, lr):
-        """:meth:`expanded` by the native kernel: each of K' and V' in one pass that gathers the cache rows, adds
-        the low-rank term (rotated for K) and writes the result (``cpu_native.expand_rows``)."""
-        tok, m, w, r, a = self.plan.tok[b][start:end], end - start, self.n_kv * self.d, self.r, self.plan.agents[b]
-        if out is None:
-            out = (self.scratch.get("k", m, self.n_kv, self.d), self.scratch.get("v", m, self.n_kv, self.d))
-        k, v = out
-        self.keys_native(b, start, end, lr, k.view(m, w))
-        if value and self.bv is not None:
-            cpu_native.expand_rows(self.v_flat.view(-1, w), tok, _times_p(lr[:, -r:], self.bv_f[a], self.scratch, "lv"),
-                                   self.bv_f[a][1], v.view(m, w))
-        else:
-            self._gather(self.v_flat, tok, v)
-        return k, v
+    def values(self, b: int, n: int) -> torch.Tensor:
+        """V' = V + L_v B_v [n, H_kv, D] of positions 0..n-1 of sequence b (a scratch buffer), all KV heads in one
+        matmul (or one native pass per row)."""
+        a, tok = self.plan.agents[b], self.plan.tok[b][:n]
+        out = self.scratch.get("v", n, self.n_kv, self.d)
+        if self.native_rows:
+            self._expand_native(self.v_flat2, b, 0, n, self.lr_flat[:, -self.r:], self.bv_f[a], out.view(n, -1))
+            return out
+        lv = self.lowrank(b, 0, n, "v")
+        v = self._gather(self.v_flat, tok, out)
+        v.view(n, -1).addmm_(_times_p(lv, self.bv_f[a]), self.bv_f[a][1])
+        return v
 
-    def keys_native(self, b: int, start: int, end: int, lr: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """K' (base K without a key term) [end-start, H_kv*D] of positions start..end-1 of sequence b into ``out``,
-        by the native kernel; ``lr``: those positions' rows of :meth:`lowrank`."""
-        tok = self.plan.tok[b][start:end]
-        if self.bk_f is None:
-            return torch.index_select(self.k_flat2, 0, tok, out=out)
-        m, a = end - start, self.plan.agents[b]
-        cos, sin = self.plan.cos[b][start:end].reshape(m, -1), self.plan.sin[b][start:end].reshape(m, -1)
-        return cpu_native.expand_rows(self.k_flat2, tok, _times_p(lr[:, :self.r], self.bk_f[a], self.scratch, "lk"),
-                                      self.bk_f[a][1], out, cos, sin, self.d)
 
-    @staticmethod
-    def _times_b(lr, pq, out):
-        """lr @ B for B given as a :func:`factor` pair, into ``out``."""
-        return torch.mm(_times_p(lr, pq), pq[1], out=out)
+    def _expand_native(self, flat, b, start, end, lr_cols, pq, out, cos=None, sin=None, **scores):
+        """out = flat[tok] + (RoPE of) L P Q for positions start..end-1 of sequence b, the low-rank rows read in
+        place from the columns ``lr_cols`` of the low-rank cache (``cpu_native.expand_rows``); B given as a
+        :func:`factor` pair (P, Q)."""
+        p, q = pq
+        lr_tok = self.plan.lr_tok[b][start:end]
+        if isinstance(p, slice):                                # a block of L's columns, read in place
+            lr_cols, p = lr_cols[:, p], None
+        elif p is not None and p.shape[1] > cpu_native.QMAX:      # a wide P: l P as a matmul on gathered rows
+            lr_cols, lr_tok, p = _times_p(self.lowrank_cols(lr_cols, lr_tok), pq), None, None
+        cpu_native.expand_rows(flat, self.plan.tok[b][start:end], lr_cols, q, out, cos, sin, self.d, lr_tok, p,
+                               **scores)
+
+    def lowrank_cols(self, cols: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """Rows ``tok`` of the low-rank cache columns ``cols`` (a scratch buffer)."""
+        return self._gather(cols, tok, self.scratch.get("lrc", tok.shape[0], cols.shape[1]))
 
 
 def _times_p(lr, pq, scratch: Scratch | None = None, name: str = ""):
@@ -257,58 +323,9 @@ def _times_p(lr, pq, scratch: Scratch | None = None, name: str = ""):
     p = pq[0]
     if p is None:
         return lr
+    if isinstance(p, slice):
+        return lr[:, p]
     return torch.mm(lr, p, out=scratch.get(name, lr.shape[0], p.shape[1])) if scratch is not None else lr @ p
-
-
-def _attend_workspace(qb, src, b, n, ws, req, layer, scale, causal):
-    """Attention of sequence b's queries over its workspace rows, expanding the positions not yet there. With the
-    value term kept apart (``ws.lr_width``): K' and base V and L_v rows are stored; a few queries take
-    O = P V + (P L_v) B_v, a prefill chunk attends over V' = V + L_v B_v expanded into scratch."""
-    split = src.bv is not None and ws.lr_width >= src.r
-    start = ws.filled(req, layer)
-    if start < n:
-        lr = src.lowrank(b, start, n)
-        src.expanded(b, start, n, value=not split, out=ws.rows(req, layer, start, n), lr=lr)
-        if split:
-            ws.lowrank_rows(req, layer, start, n)[:, :src.r] = lr[:, -src.r:]
-        ws.mark(req, layer, n)
-    k, v = ws.rows(req, layer, 0, n)
-    if not split:
-        return attend(qb, k.transpose(0, 1), v.transpose(0, 1), scale, causal)
-    lv, a = ws.lowrank_rows(req, layer, 0, n)[:, :src.r], src.plan.agents[b]
-    if qb.shape[0] == 1 and src.native_rows:
-        return _decode_native(qb, src, scale, k.view(n, -1), v.view(n, -1), n, lv=lv, bv=src.bv[a])
-    if qb.shape[0] <= DECODE_MAX_Q:
-        return _value_lora(qb, k, v, lv, src.r, src.bv[a], src.n_kv, scale, causal)
-    vx = src.scratch.get("vx", n, src.n_kv, src.d)
-    torch.addmm(v.view(n, -1), _times_p(lv, src.bv_f[a]), src.bv_f[a][1], out=vx.view(n, -1))
-    return attend(qb, k.transpose(0, 1), vx.transpose(0, 1), scale, causal)
-
-
-def _decode_value_lora(qb, src, b, n, scale, causal):
-    """A few queries without a workspace: K' expanded, the value term never: O = P V + (P L_v) B_v."""
-    lr = src.lowrank(b, 0, n)
-    if qb.shape[0] == 1 and src.native:
-        k = src.keys_native(b, 0, n, lr, src.scratch.get("k", n, src.n_kv * src.d))
-        return _decode_native(qb, src, scale, k, src.v_flat2, n, v_tok=src.plan.tok[b], lv=lr[:, -src.r:],
-                              bv=src.bv[src.plan.agents[b]])
-    k, v = src.expanded(b, 0, n, value=False, lr=lr)
-    # P times the whole [L_k | L_v] row, then the L_v columns: CPU BLAS is about 2x slower on the r-wide strided
-    # slice than on the full (m*r)-wide row, and the extra columns cost nothing here
-    return _value_lora(qb, k, v, lr, src.r, src.bv[src.plan.agents[b]], src.n_kv, scale, causal)
-
-
-def _decode_native(qb, src, scale, k, v, n, k_tok=None, v_tok=None, lv=None, bv=None):
-    """One query over n key rows by the native kernel (``cpu_native.decode_attention``, rows read in place),
-    plus the value term (P lv) B_v when ``lv`` [n, r] and ``bv`` [H_kv, r, D] are given; [1, H, D]."""
-    h, d, n_kv = qb.shape[1], qb.shape[2], src.n_kv
-    r = lv.shape[1] if lv is not None else 0
-    o, pl = cpu_native.decode_attention(qb[0].contiguous(), k, v, n, scale, k_tok, v_tok, lv,
-                                        scores=src.scratch.get("s", h, n), out=src.scratch.get("o", h, d),
-                                        pl=src.scratch.get("pl", h, r) if lv is not None else None)
-    if lv is not None:
-        o.view(n_kv, h // n_kv, d).baddbmm_(pl.view(n_kv, h // n_kv, r), bv)
-    return o.view(1, h, d)
 
 
 def _value_lora(qb, k, v, lv, r, bv, n_kv, scale, causal):

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_expand.c", "cpu_decode.c"))
+HEADERS = (Path(__file__).with_name("cpu_vec.h"),)
 _FLAGS = (["-O3", "-march=native"], ["-O3"])
 _lib = None
 _reason: str | None = None
@@ -54,7 +55,7 @@ def _build() -> ctypes.CDLL | None:
         _reason = "no C compiler (cc, gcc or $CC) on PATH"
         return None
     cache = Path(os.environ.get("LRAGENT_CACHE_DIR") or Path.home() / ".cache" / "lragent")
-    src = b"".join(f.read_bytes() for f in SOURCES)
+    src = b"".join(f.read_bytes() for f in SOURCES + HEADERS)
     errors = []
     for flags in _FLAGS:
         key = hashlib.sha256(src + repr((cc, flags, _cpu_key(), platform.machine())).encode()).hexdigest()[:16]
@@ -83,11 +84,11 @@ def _build() -> ctypes.CDLL | None:
             errors.append(f"loading {lib}: {e}")
             continue
         i64, fp, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-        for name, types in (("lragent_expand_rows", [fp, fp, i64, i64, i64, i64, fp, i64, i64, fp, fp, fp, i64, fp,
-                                                     i64]),
-                            ("lragent_decode_scores", [fp, i64, i64, fp, i64, fp, i64, f32, fp, i64, i64]),
-                            ("lragent_decode_values", [fp, i64, i64, fp, i64, fp, i64, fp, fp, i64, i64, fp, i64,
-                                                       i64])):
+        for name, types in (("lragent_expand_rows", [fp, fp, i64, i64, i64, i64, fp, i64, fp, fp, i64, i64, fp, fp,
+                                                     fp, i64, fp, i64, fp, i64, f32, fp, i64]),
+                            ("lragent_decode_scores", [fp, i64, i64, fp, i64, fp, i64, f32, fp, i64, i64, i64]),
+                            ("lragent_decode_values", [fp, i64, i64, fp, i64, fp, i64, fp, fp, i64, fp, i64, fp,
+                                                       i64, i64])):
             f = getattr(dll, name)
             f.argtypes, f.restype = types, None
         return dll
@@ -113,34 +114,57 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
+def _lib_or_raise():
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernel unavailable: {_reason}")
+    return lib
+
+
 def reset() -> None:
     """Forget the loaded library and the last failure, so the next call builds again (tests, env changes)."""
     global _lib, _reason
     _lib, _reason = None, None
 
 
+QMAX = 256          # the most columns l P may have in the kernel (cpu_expand.c)
+
+
 def expand_rows(src: torch.Tensor, tok: torch.Tensor, lk: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
-                cos: torch.Tensor | None = None, sin: torch.Tensor | None = None, head_dim: int = 0) -> torch.Tensor:
-    """out[t] = src[tok[t]] + RoPE_t(lk[t] @ q) (RoPE with rows cos[t], sin[t] per head of ``head_dim``; plain
-    lk[t] @ q without cos), all fp32. src [N, W] contiguous, tok [n] int64 contiguous, lk [n, r] with unit column
-    stride, q [r, W] contiguous, out [n, W] with unit column stride; cos/sin [n, >= head_dim] with unit column
-    stride. Rows are split over ``torch.get_num_threads()`` threads. Returns ``out``."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"native CPU kernel unavailable: {_reason}")
+                cos: torch.Tensor | None = None, sin: torch.Tensor | None = None, head_dim: int = 0,
+                lk_tok: torch.Tensor | None = None, p: torch.Tensor | None = None,
+                query: torch.Tensor | None = None, scores: torch.Tensor | None = None, scale: float = 1.0
+                ) -> torch.Tensor:
+    """out[t] = src[tok[t]] + RoPE_t(l_t @ q), all fp32, with l_t the row lk[lk_tok[t]] (lk[t] without an index),
+    times ``p`` when given (RoPE with rows cos[t], sin[t] per head of ``head_dim``; plain l_t @ q without cos).
+    With ``query`` [H, head_dim] contiguous, also the decode scores of the new rows while they are in cache:
+    scores[h, t] = scale * query[h] . out[t, KV head h // (H / H_kv)] (``scores`` [H, n], unit column stride).
+    src [N, W] contiguous, tok [n] int64 contiguous, lk [N', r] with unit column stride, p [r, k] contiguous
+    (k <= QMAX), q [k, W] contiguous (k = r without p), out [n, W] with unit column stride; cos/sin [n, >= head_dim]
+    with unit column stride. Rows are split over ``torch.get_num_threads()`` threads. Returns ``out``."""
+    lib = _lib_or_raise()
     n, w = out.shape
     r = lk.shape[1]
+    k = p.shape[1] if p is not None else r
     assert src.dtype == lk.dtype == q.dtype == out.dtype == torch.float32 and tok.dtype == torch.int64
-    assert src.is_contiguous() and tok.is_contiguous() and q.is_contiguous() and q.shape == (r, w)
-    assert src.shape[1] == w and lk.shape[0] == n == tok.shape[0] and lk.stride(1) == 1 and out.stride(1) == 1
+    assert src.is_contiguous() and tok.is_contiguous() and q.is_contiguous() and q.shape == (k, w)
+    assert src.shape[1] == w and tok.shape[0] == n and lk.stride(1) == 1 and out.stride(1) == 1
+    assert p is None or (p.dtype == torch.float32 and p.is_contiguous() and p.shape[0] == r and k <= QMAX)
+    assert lk_tok is not None or lk.shape[0] >= n
     d = head_dim or w
     cp = sp = None
     cs = 0
     if cos is not None:
         assert cos.stride() == sin.stride() and cos.stride(1) == 1 and cos.shape[0] == n and cos.shape[1] >= d
         cp, sp, cs = cos.data_ptr(), sin.data_ptr(), cos.stride(0)
-    args = (src.data_ptr(), tok.data_ptr(), w, d, lk.data_ptr(), lk.stride(0), r, q.data_ptr(), cp, sp, cs,
-            out.data_ptr(), out.stride(0))
+    qp, g, sp_, ss = None, 0, None, 0
+    if query is not None:
+        assert query.dtype == torch.float32 and query.is_contiguous() and query.shape[1] == d
+        assert scores.shape == (query.shape[0], n) and scores.stride(1) == 1 and query.shape[0] % (w // d) == 0
+        qp, g, sp_, ss = query.data_ptr(), query.shape[0] // (w // d), scores.data_ptr(), scores.stride(0)
+    args = (src.data_ptr(), tok.data_ptr(), w, d, lk.data_ptr(), lk.stride(0), _index(lk_tok, n),
+            p.data_ptr() if p is not None else None, r, k, q.data_ptr(), cp, sp, cs, out.data_ptr(), out.stride(0),
+            qp, g, scale, sp_, ss)
     _split(lambda a, b: lib.lragent_expand_rows(*args[:2], a, b, *args[2:]), n,
            min(torch.get_num_threads(), max(1, n // MIN_ROWS_PER_THREAD)))
     return out
@@ -161,41 +185,60 @@ def _index(tok: torch.Tensor | None, n: int):
     return tok.data_ptr()
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float,
-                     k_tok: torch.Tensor | None = None, v_tok: torch.Tensor | None = None,
-                     lv: torch.Tensor | None = None, scores: torch.Tensor | None = None,
-                     out: torch.Tensor | None = None, pl: torch.Tensor | None = None):
-    """Attention of one query position over n keys, all fp32: with P = softmax_t(scale * q[h] . K_t), returns
-    (o [H, D] = P V, P lv [H, r] or None). q [H, D] contiguous (head h reads KV head h // (H / H_kv)); K_t / V_t
-    the rows k[k_tok[t]] / v[v_tok[t]] (rows t without an index) of k, v [N, H_kv * D]; lv [n, r] (optional).
-    ``scores`` [H, n], ``out`` [H, D] and ``pl`` [H, r] are contiguous buffers to use (else allocated); KV heads are split
-    over ``torch.get_num_threads()`` threads."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"native CPU kernel unavailable: {_reason}")
+def _threads(n: int, n_kv: int) -> int:
+    return min(torch.get_num_threads(), n_kv, max(1, n * n_kv // (4 * MIN_ROWS_PER_THREAD)))
+
+
+def decode_scores(q: torch.Tensor, k: torch.Tensor, n: int, scale: float, scores: torch.Tensor,
+                  k_tok: torch.Tensor | None = None) -> torch.Tensor:
+    """scores[h, t] = scale * q[h] . K_t[KV head h // (H / H_kv)] for t < n, all fp32: q [H, D] contiguous, K_t the
+    row k[k_tok[t]] (k[t] without an index) of k [N, H_kv * D] (unit column stride), ``scores`` [H, n] with unit
+    column stride (a column slice of a wider buffer is fine). KV heads are split over threads. Returns ``scores``."""
+    lib = _lib_or_raise()
     h, d = q.shape
     n_kv = k.shape[1] // d
-    assert q.dtype == torch.float32 and q.is_contiguous() and k.shape[1] == v.shape[1] == n_kv * d and h % n_kv == 0
-    g = h // n_kv
+    assert q.dtype == torch.float32 and q.is_contiguous() and k.shape[1] == n_kv * d and h % n_kv == 0
+    assert scores.shape == (h, n) and scores.stride(1) == 1 and scores.dtype == torch.float32
     kp, ks = _rows(k, "k")
-    vp, vs = _rows(v, "v")
-    lp, ls = _rows(lv, "lv")
-    r = lv.shape[1] if lv is not None else 0
-    assert lv is None or lv.shape[0] >= n
-    kt, vt = _index(k_tok, n), _index(v_tok, n)
-    s = torch.empty(h, n) if scores is None else scores
-    o = torch.empty(h, d) if out is None else out
+    kt = _index(k_tok, n)
+    _split(lambda a, b: lib.lragent_decode_scores(q.data_ptr(), h // n_kv, d, kp, ks, kt, n, scale,
+                                                  scores.data_ptr(), scores.stride(0), a, b), n_kv, _threads(n, n_kv))
+    return scores
+
+
+def decode_values(scores: torch.Tensor, v: torch.Tensor, n: int, out: torch.Tensor,
+                  v_tok: torch.Tensor | None = None, lv: torch.Tensor | None = None,
+                  lv_tok: torch.Tensor | None = None, pl: torch.Tensor | None = None):
+    """With P the row softmax of ``scores`` [H, n] (contiguous; turned into P in place): (P V into ``out`` [H, D],
+    P L [H, r] or None), all fp32, V_t the row v[v_tok[t]] of v [N, H_kv * D] and L_t the row lv[lv_tok[t]] of
+    lv [N', r] (rows t without an index); ``out`` and ``pl`` (else allocated) contiguous."""
+    lib = _lib_or_raise()
+    (h, d), r = out.shape, lv.shape[1] if lv is not None else 0
+    n_kv = v.shape[1] // d
     p = (torch.empty(h, r) if pl is None else pl) if lv is not None else None
-    assert s.shape == (h, n) and o.shape == (h, d) and (p is None or p.shape == (h, r))
-    assert s.is_contiguous() and o.is_contiguous() and (p is None or p.is_contiguous())
-    threads = min(torch.get_num_threads(), n_kv, max(1, n * n_kv // (4 * MIN_ROWS_PER_THREAD)))
-    _split(lambda a, b: lib.lragent_decode_scores(q.data_ptr(), g, d, kp, ks, kt, n, scale, s.data_ptr(), a, b),
-           n_kv, threads)
-    s.sub_(s.amax(-1, keepdim=True)).exp_()
-    s.div_(s.sum(-1, keepdim=True))
-    _split(lambda a, b: lib.lragent_decode_values(s.data_ptr(), g, d, vp, vs, vt, n, o.data_ptr(), lp, ls, r,
-                                                  p.data_ptr() if p is not None else None, a, b), n_kv, threads)
-    return o, p
+    assert scores.shape == (h, n) and scores.is_contiguous() and out.is_contiguous() and v.shape[1] == n_kv * d
+    assert p is None or (p.shape == (h, r) and p.is_contiguous()) and (lv_tok is not None or lv.shape[0] >= n)
+    (vp, vs), (lp, ls) = _rows(v, "v"), _rows(lv, "lv")
+    vt, lt = _index(v_tok, n), _index(lv_tok, n)
+    scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+    scores.div_(scores.sum(-1, keepdim=True))
+    _split(lambda a, b: lib.lragent_decode_values(scores.data_ptr(), h // n_kv, d, vp, vs, vt, n, out.data_ptr(),
+                                                  lp, ls, lt, r, p.data_ptr() if p is not None else None, a, b),
+           n_kv, _threads(n, n_kv))
+    return out, p
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float,
+                     k_tok: torch.Tensor | None = None, v_tok: torch.Tensor | None = None,
+                     lv: torch.Tensor | None = None, lv_tok: torch.Tensor | None = None,
+                     scores: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                     pl: torch.Tensor | None = None):
+    """Attention of one query position over n keys, all fp32: with P = softmax_t(scale * q[h] . K_t), returns
+    (o [H, D] = P V, P L [H, r] or None); :func:`decode_scores` then :func:`decode_values` (their arguments);
+    ``scores`` [H, n] is a contiguous buffer to use (else allocated)."""
+    h, d = q.shape
+    s = decode_scores(q, k, n, scale, torch.empty(h, n) if scores is None else scores, k_tok)
+    return decode_values(s, v, n, torch.empty(h, d) if out is None else out, v_tok, lv, lv_tok, pl)
 
 
 def _split(run, n: int, threads: int) -> None:

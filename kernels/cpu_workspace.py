@@ -1,22 +1,20 @@
-"""Per-request workspace of expanded keys and values for the CPU fast path in the low-rank cache modes.
+"""Per-request workspace of expanded keys for the CPU fast path in the low-rank cache modes.
 
 In lrshared (and baseshared, lrbase) the cache holds base K/V and the low-rank rows L; a role reads
-K' = K + RoPE(L_k B_k) and V' = V + L_v B_v with its own B. Expanding K' and V' over the whole context costs
+K' = K + RoPE(L_k B_k) and V' = V + L_v B_v with its own B. Expanding K' over the whole context costs
 n * r * H_kv * D multiply-adds per layer, several times the attention of one decode step, so re-expanding at every
 step of every running request makes the low-rank modes much slower per token than fullshared. The workspace keeps,
-for each running request, K' and V' of the positions already expanded ([layers, 2, capacity, H_kv, D], fp32); a
-step expands only its new positions, straight into the workspace rows. With ``lr_width`` > 0 it keeps the base V
-instead of V' and the L_v rows beside it ([layers, capacity, lr_width]): decode steps then add the value term as
-(P L_v) B_v (no V' expansion, which on a 1-token hand-off over a long context is as dear as the K' one), and a
-prefill chunk expands V' into a scratch buffer. It is a copy of what the request reads, not cache: the paged pool
-stays the shared store.
+for each running request, K' of the positions already expanded ([layers, capacity, H_kv, D], fp32); a step expands
+only its new positions, straight into the workspace rows. Values need no copy: a decode step reads base V and the
+L_v rows in place from the cache and adds the value term as (P L_v) B_v, and a prefill chunk expands V' into a
+scratch buffer. It is a copy of what the request reads, not cache: the paged pool stays the shared store.
 
-The rows live in one arena of ``max_tokens`` rows ([layers, 2, max_tokens, H_kv, D] and [layers, max_tokens,
-lr_width]), allocated on first use and never touched beyond the rows handed out; each running request holds a range of
-it (room for its decode, ``reserve``), grown in place when the rows after it are free, else moved. A request's range
+The rows live in one arena of ``max_tokens`` rows ([layers, max_tokens, H_kv, D]), allocated on first use and never
+touched beyond the rows handed out; each running request holds a range of it (room for its decode, ``reserve``),
+grown in place when the rows after it are free, else moved. A request's range
 is returned when it finishes, is aborted or is preempted (``release``); a request that does not fit runs without
 one, re-expanding at every step. Why an arena: a fresh multi-MB tensor per request page-faults on every first touch
-(about 30 ms for the 64 MB of a 4K-token request, as much as the step itself), while the arena's pages, once
+(about 30 ms for the 32 MB of a 4K-token request, as much as the step itself), while the arena's pages, once
 touched, are reused by every later request; on Linux it also asks for transparent huge pages (512x fewer faults).
 
 Cache rows never change once written (the pool is append-only per sequence and shared prefixes are immutable),
@@ -46,19 +44,19 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
 
 
 class Workspace:
-    """K'/V' rows per running request, by request id, in one arena of ``max_tokens`` rows (see the module doc)."""
+    """K' rows per running request, by request id, in one arena of ``max_tokens`` rows (see the module doc)."""
 
-    def __init__(self, num_layers: int, n_kv: int, head_dim: int, max_tokens: int, device="cpu", lr_width: int = 0):
-        self.num_layers, self.n_kv, self.head_dim, self.lr_width = num_layers, n_kv, head_dim, lr_width
+    def __init__(self, num_layers: int, n_kv: int, head_dim: int, max_tokens: int, device="cpu"):
+        self.num_layers, self.n_kv, self.head_dim = num_layers, n_kv, head_dim
         self.max_tokens, self.device = max_tokens, device
-        self.kv = self.lv = None               # the arena, made on first use
+        self.kv = None                         # the arena, made on first use
         self.free: list[list[int]] = [[0, max_tokens]]   # free row ranges [offset, length], by offset, coalesced
         self.reqs: dict[int, list] = {}       # id -> [offset, capacity, filled rows per layer]
         self.high = 0                         # rows of the arena handed out at least once (its touched part)
 
     @property
     def row_bytes(self) -> int:
-        return self.num_layers * (2 * self.n_kv * self.head_dim + self.lr_width) * 4
+        return self.num_layers * self.n_kv * self.head_dim * 4
 
     @property
     def tokens(self) -> int:
@@ -81,12 +79,11 @@ class Workspace:
         kw = dict(dtype=torch.float32, device=self.device)
         while self.kv is None and self.max_tokens >= 256:
             try:
-                self.kv = torch.empty(self.num_layers, 2, self.max_tokens, self.n_kv, self.head_dim, **kw)
-                self.lv = torch.empty(self.num_layers, self.max_tokens, self.lr_width, **kw)
+                self.kv = torch.empty(self.num_layers, self.max_tokens, self.n_kv, self.head_dim, **kw)
                 self.free = [[0, self.max_tokens]]
                 _advise_huge_pages(self.kv)
             except RuntimeError:
-                self.kv = self.lv = None
+                self.kv = None
                 self.max_tokens //= 2
         return self.kv is not None
 
@@ -145,8 +142,7 @@ class Workspace:
             self.release(req)
             return False
         for layer, m in enumerate(filled):                        # move: copy the filled rows
-            self.kv[layer, :, got[0]:got[0] + m] = self.kv[layer, :, off:off + m]
-            self.lv[layer, got[0]:got[0] + m] = self.lv[layer, off:off + m]
+            self.kv[layer, got[0]:got[0] + m] = self.kv[layer, off:off + m]
         self._give(off, cap)
         entry[0], entry[1] = got
         return True
@@ -155,17 +151,10 @@ class Workspace:
         """How many leading positions of ``req`` are expanded in ``layer``."""
         return self.reqs[req][2][layer]
 
-    def rows(self, req: int, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views K', V' (base V with ``lr_width``) [end-start, H_kv, D] of positions start..end-1 of ``req`` in
-        ``layer`` (contiguous)."""
+    def rows(self, req: int, layer: int, start: int, end: int) -> torch.Tensor:
+        """View of K' [end-start, H_kv, D] of positions start..end-1 of ``req`` in ``layer`` (contiguous)."""
         off = self.reqs[req][0]
-        t = self.kv[layer]
-        return t[0, off + start:off + end], t[1, off + start:off + end]
-
-    def lowrank_rows(self, req: int, layer: int, start: int, end: int) -> torch.Tensor:
-        """View of the L_v rows [end-start, lr_width] of positions start..end-1 of ``req`` in ``layer``."""
-        off = self.reqs[req][0]
-        return self.lv[layer, off + start:off + end]
+        return self.kv[layer, off + start:off + end]
 
     def mark(self, req: int, layer: int, end: int) -> None:
         """Record that positions up to ``end`` of ``req`` are expanded in ``layer``."""
@@ -185,7 +174,7 @@ class Workspace:
     def clear(self) -> None:
         """Free everything."""
         self.reqs.clear()
-        self.kv = self.lv = None
+        self.kv = None
         self.free, self.high = [[0, self.max_tokens]], 0
 
 

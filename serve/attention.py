@@ -125,7 +125,8 @@ BACKENDS = ("auto", "torch", "triton", "reference")
 def make_backend(name: str, device: torch.device, *, head_dim: int, rank: int, n_kv: int, block_size: int,
                  lowrank: bool, key_lora: bool, num_layers: int = 1, workspace_tokens: int = 0) -> AttentionBackend:
     """The backend object for a name (auto: triton on CUDA when the kernel supports the shape, else torch);
-    ``workspace_tokens`` > 0 gives the torch backend a per-request K'/V' workspace of that many rows in all."""
+    ``workspace_tokens`` > 0 gives the torch backend a per-request K' workspace of that many rows in all (when the
+    keys carry LoRA)."""
     if name not in BACKENDS:
         raise ServeError(f"unknown attention backend {name!r}: use one of {', '.join(BACKENDS)}")
     why = kernels.triton_unsupported(head_dim, rank, key_lora)
@@ -144,6 +145,6 @@ def make_backend(name: str, device: torch.device, *, head_dim: int, rank: int, n
         return KernelBackend(kernels.flash_lora_attention_paged, "triton", **kw)
     if name == "reference":
         return KernelBackend(kernels.flash_lora_attention_paged_ref, "reference", **kw)
-    ws = Workspace(num_layers, n_kv, head_dim, workspace_tokens, device, lr_width=rank) \
-        if lowrank and workspace_tokens else None
+    ws = Workspace(num_layers, n_kv, head_dim, workspace_tokens, device) if lowrank and key_lora and workspace_tokens \
+        else None
     return TorchBackend(workspace=ws, **kw)

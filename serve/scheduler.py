@@ -22,7 +22,7 @@ from .sequence import Sequence
 
 class Scheduler:
     def __init__(self, runner: ModelRunner, kv: KVManager, cache: CacheTensors, eos_ids, *, lr_comp: int | None,
-                 max_batch_tokens: int = 512, max_num_seqs: int = 64):
+                 max_batch_tokens: int = 2048, max_num_seqs: int = 64):
         self.runner, self.kv, self.cache = runner, kv, cache
         self.eos_ids = set(eos_ids)
         self.lr_comp = lr_comp

@@ -71,9 +71,12 @@ def rope_tables(n, d, g):
 @pytest.mark.parametrize("h_kv,d,q,rope", [(4, 64, 16, True), (2, 128, 5, True), (3, 48, 8, True),
                                            (1, 20, 3, True), (4, 64, 16, False), (2, 40, 7, False)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_native_expand_rows_matches_float64(h_kv, d, q, rope, threads, monkeypatch):
-    """out[t] = src[tok[t]] + RoPE_t(lk[t] Q) for head dims with and without a vector remainder (48, 20, 40),
-    lk a strided column slice, out a strided row view, rows split over threads."""
+@pytest.mark.parametrize("through_p", [False, True])
+def test_native_expand_rows_matches_float64(h_kv, d, q, rope, threads, through_p, monkeypatch):
+    """out[t] = src[tok[t]] + RoPE_t(l_t Q) for head dims with and without a vector remainder (48, 20, 40),
+    out a strided row view, rows split over threads; l_t = lk[t] of a strided column slice, or (``through_p``)
+    the row lk[lk_tok[t]] of a wider low-rank table times P, read in place, with the decode scores of a query
+    against the new rows in the same pass (into a column slice of a wider buffer)."""
     if not cpu_native.available():
         pytest.skip(f"native kernel unavailable: {cpu_native.unavailable_reason()}")
     monkeypatch.setattr(cpu_native, "MIN_ROWS_PER_THREAD", 8)
@@ -86,13 +89,28 @@ def test_native_expand_rows_matches_float64(h_kv, d, q, rope, threads, monkeypat
     qm = torch.randn(q, w, generator=g)
     out = torch.full((n, w + 8), float("nan"))[:, :w]                   # row stride w + 8
     cos, sin = rope_tables(n, d, g)
-    cpu_native.expand_rows(src, tok, lk, qm, out, *((cos.float(), sin.float(), d) if rope else ()))
+    rope_args = (cos.float(), sin.float(), d) if rope else (None, None, d)
+    if through_p:
+        table = torch.randn(700, 3 * q + 2, generator=g)[:, 1:1 + 3 * q]  # a shared rank 3q, strided rows
+        lk_tok = torch.randperm(700, generator=g)[:n]
+        p = torch.randn(3 * q, q, generator=g)
+        query = torch.randn(2 * h_kv, d, generator=g)
+        scores = torch.full((2 * h_kv, n + 10), float("nan"))
+        cpu_native.expand_rows(src, tok, table, qm, out, *rope_args, lk_tok=lk_tok, p=p, query=query,
+                               scores=scores[:, 10:], scale=0.3)
+        lk = table[lk_tok].double() @ p.double()
+    else:
+        cpu_native.expand_rows(src, tok, lk, qm, out, *rope_args)
     x = (lk.double() @ qm.double()).view(n, h_kv, d)
     if rope:
         c, s_ = cos[:, None], sin[:, None]
         x = x * c + torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1) * s_
     ref = src.double()[tok] + x.view(n, w)
     assert (out.double() - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    if through_p:
+        want = torch.einsum("hd,nhd->hn", query.double(), ref.view(n, h_kv, d).repeat_interleave(2, 1)) * 0.3
+        assert (scores[:, 10:].double() - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+        assert scores[:, :10].isnan().all()
 
 
 @pytest.mark.parametrize("h,h_kv,d,r", [(16, 4, 64, 48), (8, 2, 128, 16), (6, 2, 40, 5), (3, 1, 20, 0),
@@ -100,7 +118,8 @@ def test_native_expand_rows_matches_float64(h_kv, d, q, rope, threads, monkeypat
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("indexed", [True, False])
 def test_native_decode_attention_matches_float64(h, h_kv, d, r, threads, indexed, monkeypatch):
-    """One query over n cache rows read in place (by index, or rows 0..n-1 of strided views), P L_v alongside:
+    """One query over n cache rows read in place (by index, or rows 0..n-1 of strided views), P L_v alongside
+    (L_v rows by their own index):
     groups of 4, 3, 1 query heads per KV head, head dims with and without a vector remainder (40, 20), r not a
     multiple of 8, KV heads split over threads."""
     if not cpu_native.available():
@@ -112,8 +131,11 @@ def test_native_decode_attention_matches_float64(h, h_kv, d, r, threads, indexed
     q = torch.randn(h, d, generator=g)
     kv = torch.randn(2, 500, w + 8, generator=g)[..., 4:4 + w] * 3         # rows of stride w + 8
     tok = torch.randperm(500, generator=g)[:n] if indexed else None
-    lv = torch.randn(n, r + 3, generator=g)[:, 1:1 + r] if r else None
-    o, pl = cpu_native.decode_attention(q, kv[0], kv[1], n, d ** -0.5, tok, tok, lv)
+    lv_all = torch.randn(600, r + 3, generator=g)[:, 1:1 + r]                 # rows of stride r + 3
+    lv_tok = torch.randperm(600, generator=g)[:n] if indexed else None
+    lv = (lv_all[lv_tok] if indexed else lv_all[:n]) if r else None
+    o, pl = cpu_native.decode_attention(q, kv[0], kv[1], n, d ** -0.5, tok, tok, lv_all if r else None,
+                                        lv_tok if r else None)
     rows = tok if indexed else torch.arange(n)
     k, v = (t.double()[rows].view(n, h_kv, d).transpose(0, 1) for t in kv)
     ref = dense_ref(q[None], k, v, d ** -0.5)[0]
@@ -156,15 +178,15 @@ def steps_of(total, chunks):
 
 
 @pytest.mark.parametrize("key_lora", [True, False])
-@pytest.mark.parametrize("value_apart", [True, False])
-def test_workspace_steps_match_reference(key_lora, value_apart, expansion):
-    """A request run as prefill chunks then decode steps, with a workspace that fills as it goes (and one that
-    starts after a reused prefix, the hand-off), equals the float64 reference at every step, holding V' or (with
-    ``lr_width``) base V and the L_v rows; the workspace is bounded and freed."""
+def test_workspace_steps_match_reference(key_lora, expansion):
+    """A request run as prefill chunks then decode steps, with a workspace of K' that fills as it goes (and one
+    that starts after a reused prefix, the hand-off), equals the float64 reference at every step (values read from
+    the cache: V' for a chunk, P V + (P L_v) B_v for a decode step); the workspace is bounded and freed, and holds
+    nothing when the keys carry no LoRA (base K is read in place)."""
     n_total, h, h_kv, d, r = 70, 4, 2, 32, 8
     p = make_paged([n_total], [n_total], h, h_kv, d, r, key_lora=key_lora, block_size=8, seed=3)
     q_all = p.pop("q")
-    ws = Workspace(num_layers=2, n_kv=h_kv, head_dim=d, max_tokens=400, lr_width=r if value_apart else 0)
+    ws = Workspace(num_layers=2, n_kv=h_kv, head_dim=d, max_tokens=400)
     for req, chunks in ((7, [16, 24]), (8, [50])):       # 8 starts with 0 rows filled at position 50's chunk
         for start, end in steps_of(n_total, chunks):
             if req == 8 and start == 0:
@@ -180,9 +202,12 @@ def test_workspace_steps_match_reference(key_lora, value_apart, expansion):
                 out = paged_attention_cpu(q, **kw, plan=plan, workspace=ws, layer=layer)
                 assert (out.double() - ref).abs().max().item() <= 3e-5
                 assert (out - plain).abs().max().item() <= 3e-5
-            assert ws.filled(req, 1) == end
-        assert ws.tokens >= n_total
+            if key_lora:
+                assert ws.filled(req, 1) == end
+        assert ws.tokens >= n_total if key_lora else ws.tokens == 0
     assert ws.tokens <= 400
+    if not key_lora:
+        return
     ws.release(7)
     ws.release(8)
     assert ws.running_bytes == 0 and ws.bytes > 0                     # back in the arena
@@ -207,10 +232,10 @@ def test_workspace_bound_and_arena():
     ws.release(4)
     assert ws.reserve(5, 20) and ws.reqs[5][:2] == [0, 276]
     ws.mark(5, 0, 20)
-    ws.rows(5, 0, 0, 20)[0].copy_(torch.arange(80.0).view(20, 1, 4))
+    ws.rows(5, 0, 0, 20).copy_(torch.arange(80.0).view(20, 1, 4))
     assert ws.reserve(6, 8) and ws.reqs[6][0] == 276                  # right after 5: 5 must move to grow
     assert ws.reserve(5, 300) and ws.reqs[5][:2] == [540, 300]        # no room for 2x: exactly n
-    assert torch.equal(ws.rows(5, 0, 0, 20)[0], torch.arange(80.0).view(20, 1, 4))   # its rows moved with it
+    assert torch.equal(ws.rows(5, 0, 0, 20), torch.arange(80.0).view(20, 1, 4))   # its rows moved with it
     assert ws.tokens <= 1000
     ws.trim()
     assert ws.kv is not None                                          # requests still run

@@ -4,8 +4,12 @@ Role i has, on module m, ``dW_i = s_i B_i A_i`` (A_i [r_i, in], B_i [out, r_i], 
 On the cached targets (k_proj, v_proj) the roles must share one A to serve with a shared low-rank cache:
 
 - adapters whose A is already bitwise identical keep it (``B_i' = s_i B_i``);
-- ``exact``: Q = orthonormal basis of the span of all roles' A rows (SVD of the stacked rows, numerically-zero
-  directions dropped), ``B_i' = s_i B_i A_i Q^T``; since each A_i's rows lie in span(Q), ``B_i' Q = dW_i`` exactly;
+- ``exact``: when the roles' A rows are independent (adapters trained apart), Q is those rows stacked,
+  ``[A_1; ...; A_N]``, and ``B_i'`` is ``s_i B_i`` in role i's block of columns and zero elsewhere: ``B_i' Q = dW_i``
+  with no arithmetic at all, and a role reads only its own block of the cached L = X Q^T (the serving kernels skip
+  the zero columns). When they are dependent (some directions shared), Q = orthonormal basis of their span (SVD of
+  the stacked rows, numerically-zero directions dropped), ``B_i' = s_i B_i A_i Q^T``; since each A_i's rows lie in
+  span(Q), ``B_i' Q = dW_i`` exactly, with the smaller rank;
 - ``rank=R``: the rank-R Q minimising ``sum_i ||dW_i - dW_i Q^T Q||_F^2 / ||dW_i||_F^2``: the top-R right singular
   vectors of the stacked, per-role normalised ``[dW_1/|dW_1|; ...; dW_N/|dW_N|]`` (computed inside span(A) as a small
   SVD). Weighting by B (through dW) rather than taking an SVD of the stacked A rows matters: A alone ignores which
@@ -190,7 +194,15 @@ def combine(adapters: dict[str, PeftAdapter], shapes: dict[str, tuple[int, int]]
         else:
             q, exact = shared_basis(list(have.values()), rank)
             kind = "exact" if exact else "lossy"
-            new_b[m] = {r: sb @ (a @ q.T) for r, (a, sb) in have.items()}
+            stacked = torch.cat([a for a, _ in have.values()])
+            if exact and rank is None and q.shape[0] == stacked.shape[0]:   # independent rows: blocks
+                q, new_b[m], lo = stacked, {}, 0
+                for r, (a, sb) in have.items():
+                    new_b[m][r] = torch.zeros(sb.shape[0], q.shape[0], dtype=torch.float64)
+                    new_b[m][r][:, lo:lo + a.shape[0]] = sb
+                    lo += a.shape[0]
+            else:
+                new_b[m] = {r: sb @ (a @ q.T) for r, (a, sb) in have.items()}
         basis[m], how[m] = q, (kind, q.shape[0])
     per_role = [ad.r for ad in adapters.values()] if any(target_of(m) not in share for m in modules) else []
     urank = max([q.shape[0] for q in basis.values()] + per_role + [1])
