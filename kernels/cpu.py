@@ -195,7 +195,7 @@ def _decode_native(qb, src, b, n, scale, ws, req, layer):
     lv = bv = None
     if src.bv is not None:
         a = src.plan.agents[b]
-        lv, bv = src.lr_flat[:, -src.r:], src.bv[a]
+        lv, bv = src.lr_part("v"), src.bv[a]
         if isinstance(src.bv_f[a][0], slice):          # a block basis: only the role's columns of L_v
             lv, bv = lv[:, src.bv_f[a][0]], bv[:, src.bv_f[a][0]]
     o, pl = cpu_native.decode_values(s, src.v_flat2, n, src.scratch.get("o", h, d), tok, lv,
@@ -244,20 +244,14 @@ class _Source:
         """Base V [n, H_kv, D] of positions 0..n-1 of sequence b (a scratch buffer)."""
         return self._gather(self.v_flat, self.plan.tok[b][:n], self.scratch.get("v", n, self.n_kv, self.d))
 
-    def base(self, b: int, start: int, end: int, out=None):
-        """Base K, V [end-start, H_kv, D] of positions start..end-1 of sequence b, written into ``out`` (a pair of
-        tensors) or into scratch buffers."""
-        tok = self.plan.tok[b][start:end]
-        m = end - start
-        if out is None:
-            out = (self.scratch.get("k", m, self.n_kv, self.d), self.scratch.get("v", m, self.n_kv, self.d))
-        return self._gather(self.k_flat, tok, out[0]), self._gather(self.v_flat, tok, out[1])
+    def lr_part(self, part: str) -> torch.Tensor:
+        """The L_k (``"k"``) or L_v (``"v"``) columns of the whole low-rank cache (a view)."""
+        return self.lr_flat[:, :self.r] if part == "k" else self.lr_flat[:, -self.r:]
 
     def lowrank(self, b: int, start: int, end: int, part: str | None = None) -> torch.Tensor:
         """The rows [L_k | L_v] [end-start, m*r] of positions start..end-1 of sequence b, or only their L_k
         (``part="k"``) or L_v (``"v"``) columns (a scratch buffer)."""
-        flat = self.lr_flat if part is None else self.lr_flat[:, :self.r] if part == "k" else \
-            self.lr_flat[:, -self.r:]
+        flat = self.lr_flat if part is None else self.lr_part(part)
         return self._gather(flat, self.plan.lr_tok[b][start:end],
                             self.scratch.get("lr" + (part or ""), end - start, flat.shape[-1]))
 
@@ -270,7 +264,7 @@ class _Source:
         a, m, n_kv, d = self.plan.agents[b], end - start, self.n_kv, self.d
         cos, sin = self.plan.cos[b][start:end], self.plan.sin[b][start:end]
         if self.native_rows:
-            self._expand_native(self.k_flat2, b, start, end, self.lr_flat[:, :self.r], self.bk_f[a],
+            self._expand_native(self.k_flat2, b, start, end, "k", self.bk_f[a],
                                 out.view(m, n_kv * d), cos.reshape(m, -1), sin.reshape(m, -1), query=query,
                                 scores=scores, scale=scale)
             return out
@@ -291,41 +285,34 @@ class _Source:
         a, tok = self.plan.agents[b], self.plan.tok[b][:n]
         out = self.scratch.get("v", n, self.n_kv, self.d)
         if self.native_rows:
-            self._expand_native(self.v_flat2, b, 0, n, self.lr_flat[:, -self.r:], self.bv_f[a], out.view(n, -1))
+            self._expand_native(self.v_flat2, b, 0, n, "v", self.bv_f[a], out.view(n, -1))
             return out
         lv = self.lowrank(b, 0, n, "v")
         v = self._gather(self.v_flat, tok, out)
         v.view(n, -1).addmm_(_times_p(lv, self.bv_f[a]), self.bv_f[a][1])
         return v
 
-
-    def _expand_native(self, flat, b, start, end, lr_cols, pq, out, cos=None, sin=None, **scores):
-        """out = flat[tok] + (RoPE of) L P Q for positions start..end-1 of sequence b, the low-rank rows read in
-        place from the columns ``lr_cols`` of the low-rank cache (``cpu_native.expand_rows``); B given as a
+    def _expand_native(self, flat, b, start, end, part, pq, out, cos=None, sin=None, **scores):
+        """out = flat[tok] + (RoPE of) L P Q for positions start..end-1 of sequence b, L the ``part`` ("k" or "v")
+        columns of the low-rank cache read in place by row index (``cpu_native.expand_rows``); B given as a
         :func:`factor` pair (P, Q)."""
         p, q = pq
-        lr_tok = self.plan.lr_tok[b][start:end]
+        cols, lr_tok = self.lr_part(part), self.plan.lr_tok[b][start:end]
         if isinstance(p, slice):                                # a block of L's columns, read in place
-            lr_cols, p = lr_cols[:, p], None
+            cols, p = cols[:, p], None
         elif p is not None and p.shape[1] > cpu_native.QMAX:      # a wide P: l P as a matmul on gathered rows
-            lr_cols, lr_tok, p = _times_p(self.lowrank_cols(lr_cols, lr_tok), pq), None, None
-        cpu_native.expand_rows(flat, self.plan.tok[b][start:end], lr_cols, q, out, cos, sin, self.d, lr_tok, p,
+            cols, lr_tok, p = _times_p(self.lowrank(b, start, end, part), pq), None, None
+        cpu_native.expand_rows(flat, self.plan.tok[b][start:end], cols, q, out, cos, sin, self.d, lr_tok, p,
                                **scores)
 
-    def lowrank_cols(self, cols: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        """Rows ``tok`` of the low-rank cache columns ``cols`` (a scratch buffer)."""
-        return self._gather(cols, tok, self.scratch.get("lrc", tok.shape[0], cols.shape[1]))
 
-
-def _times_p(lr, pq, scratch: Scratch | None = None, name: str = ""):
-    """lr @ P for B given as a :func:`factor` pair (P, Q), so that lr @ B = (lr @ P) @ Q; lr itself when B is not
-    factored (P None). Into the scratch buffer ``name`` when ``scratch`` is given."""
+def _times_p(lr, pq):
+    """lr @ P for B given as a :func:`factor` pair (P, Q), so that lr @ B = (lr @ P) @ Q: a column slice for a block
+    P, lr itself when B is not factored (P None)."""
     p = pq[0]
     if p is None:
         return lr
-    if isinstance(p, slice):
-        return lr[:, p]
-    return torch.mm(lr, p, out=scratch.get(name, lr.shape[0], p.shape[1])) if scratch is not None else lr @ p
+    return lr[:, p] if isinstance(p, slice) else lr @ p
 
 
 def _value_lora(qb, k, v, lv, r, bv, n_kv, scale, causal):

@@ -246,14 +246,10 @@ def _split(run, n: int, threads: int) -> None:
     if threads <= 1:
         run(0, n)
         return
-    global _pool
+    global _pool, _pool_size
     if _pool is None or _pool_size < threads:
-        _new_pool(threads)
+        _pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="lragent-native")
+        _pool_size = threads
     bounds = [n * i // threads for i in range(threads + 1)]
     for f in [_pool.submit(run, a, b) for a, b in zip(bounds, bounds[1:])]:
         f.result()
-
-
-def _new_pool(threads: int) -> None:
-    global _pool, _pool_size
-    _pool, _pool_size = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="lragent-native"), threads

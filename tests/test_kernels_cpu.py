@@ -68,19 +68,26 @@ def rope_tables(n, d, g):
     return tuple(torch.cat([f(ang)] * 2, 1) for f in (torch.cos, torch.sin))
 
 
+@pytest.fixture
+def native_threads(monkeypatch):
+    """Skips without the native kernels; returns a setter of how many threads they split rows (or KV heads) over,
+    with a small enough minimum that the test shapes do split."""
+    if not cpu_native.available():
+        pytest.skip(f"native kernel unavailable: {cpu_native.unavailable_reason()}")
+    monkeypatch.setattr(cpu_native, "MIN_ROWS_PER_THREAD", 8)
+    return lambda threads: monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+
+
 @pytest.mark.parametrize("h_kv,d,q,rope", [(4, 64, 16, True), (2, 128, 5, True), (3, 48, 8, True),
                                            (1, 20, 3, True), (4, 64, 16, False), (2, 40, 7, False)])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("through_p", [False, True])
-def test_native_expand_rows_matches_float64(h_kv, d, q, rope, threads, through_p, monkeypatch):
+def test_native_expand_rows_matches_float64(h_kv, d, q, rope, threads, through_p, native_threads):
     """out[t] = src[tok[t]] + RoPE_t(l_t Q) for head dims with and without a vector remainder (48, 20, 40),
     out a strided row view, rows split over threads; l_t = lk[t] of a strided column slice, or (``through_p``)
     the row lk[lk_tok[t]] of a wider low-rank table times P, read in place, with the decode scores of a query
     against the new rows in the same pass (into a column slice of a wider buffer)."""
-    if not cpu_native.available():
-        pytest.skip(f"native kernel unavailable: {cpu_native.unavailable_reason()}")
-    monkeypatch.setattr(cpu_native, "MIN_ROWS_PER_THREAD", 8)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    native_threads(threads)
     g = torch.Generator().manual_seed(h_kv * d + q)
     n, w = 300, h_kv * d
     src = torch.randn(500, w, generator=g)
@@ -117,15 +124,12 @@ def test_native_expand_rows_matches_float64(h_kv, d, q, rope, threads, through_p
                                         (12, 4, 32, 0), (5, 5, 48, 12)])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("indexed", [True, False])
-def test_native_decode_attention_matches_float64(h, h_kv, d, r, threads, indexed, monkeypatch):
+def test_native_decode_attention_matches_float64(h, h_kv, d, r, threads, indexed, native_threads):
     """One query over n cache rows read in place (by index, or rows 0..n-1 of strided views), P L_v alongside
     (L_v rows by their own index):
     groups of 4, 3, 1 query heads per KV head, head dims with and without a vector remainder (40, 20), r not a
     multiple of 8, KV heads split over threads."""
-    if not cpu_native.available():
-        pytest.skip(f"native kernel unavailable: {cpu_native.unavailable_reason()}")
-    monkeypatch.setattr(cpu_native, "MIN_ROWS_PER_THREAD", 8)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    native_threads(threads)
     g = torch.Generator().manual_seed(h * d + r)
     n, w = 333, h_kv * d
     q = torch.randn(h, d, generator=g)
