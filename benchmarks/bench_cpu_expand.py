@@ -1,0 +1,120 @@
+"""Where the CPU expansion kernel's time goes: K' = K + RoPE(L_k B_k) with fused decode scores, against the score pass
+over base K that ``fullshared`` runs instead.
+
+Per layer over n context rows of the trace benchmark's shape (4 KV heads of 64, 16 query heads, one thread), rows
+read by index from a paged cache as the engine does; the layers' caches differ, repeats interleaved:
+
+  scores            cpu_native.decode_scores over base K (what a fullshared decode step does per layer)
+  expand r=R        cpu_native.expand_rows into workspace-like rows with the decode scores, the role's rank R
+  expand r=1        the same bytes moved with (almost) no L·B arithmetic
+  expand r=R, no scores
+
+    python benchmarks/bench_cpu_expand.py [--context 4096] [--rank 16] [--repeats 15]
+
+Prints a table and writes ``benchmarks/results/cpu_expand.csv`` and ``cpu_expand.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lragent.kernels import cpu_native
+
+OUT = Path(__file__).resolve().parent / "results"
+LAYERS, KV, D, G, BLOCK = 8, 4, 64, 4, 16
+
+
+def setup(n: int, rank: int, roles: int = 3) -> dict:
+    """Paged caches for LAYERS layers, a block table, low-rank rows of ``roles`` roles (block basis: the role's own
+    ``rank`` columns), cos/sin rows, workspace rows and one query."""
+    w, blocks = KV * D, 2 * n // BLOCK + 4
+    g = torch.Generator().manual_seed(0)
+    table = torch.randperm(blocks, generator=g)[:(n + BLOCK - 1) // BLOCK]
+    tok = (table[:, None] * BLOCK + torch.arange(BLOCK)).flatten()[:n].contiguous()
+    lr = torch.randn(blocks * BLOCK, 2 * roles * rank, generator=g)
+    return dict(k=[torch.randn(blocks * BLOCK, w, generator=g) for _ in range(LAYERS)], tok=tok,
+                lk=lr[:, rank:2 * rank], q_b=torch.randn(rank, w, generator=g),
+                cos=torch.randn(n, w, generator=g), sin=torch.randn(n, w, generator=g),
+                out=torch.empty(LAYERS, n, w), query=torch.randn(KV * G, D, generator=g), scores=torch.empty(KV * G, n))
+
+
+def paths(s: dict, rank: int) -> dict:
+    """name -> a callable running one step's LAYERS layers."""
+    def expand(r, with_scores):
+        lk, qb = s["lk"][:, :r], s["q_b"][:r].contiguous()
+        extra = dict(query=s["query"], scores=s["scores"], scale=D ** -0.5) if with_scores else {}
+
+        def run():
+            for layer in range(LAYERS):
+                cpu_native.expand_rows(s["k"][layer], s["tok"], lk, qb, s["out"][layer], s["cos"], s["sin"], D,
+                                       s["tok"], **extra)
+        return run
+
+    def scores():
+        for layer in range(LAYERS):
+            cpu_native.decode_scores(s["query"], s["k"][layer], len(s["tok"]), D ** -0.5, s["scores"], s["tok"])
+    return {"scores (fullshared)": scores, f"expand r={rank} + scores": expand(rank, True),
+            "expand r=1 + scores": expand(1, True), f"expand r={rank}, no scores": expand(rank, False)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--out", default=str(OUT))
+    a = ap.parse_args(argv)
+    if not cpu_native.available():
+        raise SystemExit(f"native kernels unavailable: {cpu_native.unavailable_reason()}")
+    torch.set_num_threads(1)
+    fns = paths(setup(a.context, a.rank), a.rank)
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(a.repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t) / LAYERS)
+    base = statistics.median(times["scores (fullshared)"])
+    rows = [dict(path=k, context=a.context, rank=a.rank, ms_per_layer=statistics.median(v) * 1e3,
+                 min_ms=min(v) * 1e3, vs_scores=statistics.median(v) / base) for k, v in times.items()]
+    print(f"\ncontext {a.context}, {KV} KV heads x {D}, {KV * G} query heads, one thread, {a.repeats} repeats\n")
+    print("| path | ms per layer (median) | min | vs score pass |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['path']} | {r['ms_per_layer']:.3f} | {r['min_ms']:.3f} | {r['vs_scores']:.2f} |")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "cpu_expand.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    tmp.replace(out / "cpu_expand.csv")
+    draw(rows, out / "cpu_expand.png")
+    print(f"wrote {out}/cpu_expand.csv, cpu_expand.png")
+    return 0
+
+
+def draw(rows: list[dict], path: Path) -> None:
+    """Horizontal bars of ms per layer per path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    ax.barh([r["path"] for r in rows][::-1], [r["ms_per_layer"] for r in rows][::-1])
+    ax.set_xlabel(f"ms per layer at {rows[0]['context']} context")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
