@@ -16,14 +16,17 @@ Prints a table and writes ``benchmarks/results/cpu_expand.csv`` and ``cpu_expand
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from lragent.kernels import cpu_native
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import save_figure, write_csv  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 LAYERS, KV, D, G, BLOCK = 8, 4, 64, 4, 16
@@ -90,12 +93,7 @@ def main(argv=None) -> int:
         print(f"| {r['path']} | {r['ms_per_layer']:.3f} | {r['min_ms']:.3f} | {r['vs_scores']:.2f} |")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "cpu_expand.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-        wr.writeheader()
-        wr.writerows(rows)
-    tmp.replace(out / "cpu_expand.csv")
+    write_csv(out / "cpu_expand.csv", rows)
     draw(rows, out / "cpu_expand.png")
     print(f"wrote {out}/cpu_expand.csv, cpu_expand.png")
     return 0
@@ -111,9 +109,7 @@ def draw(rows: list[dict], path: Path) -> None:
     ax.barh([r["path"] for r in rows][::-1], [r["ms_per_layer"] for r in rows][::-1])
     ax.set_xlabel(f"ms per layer at {rows[0]['context']} context")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

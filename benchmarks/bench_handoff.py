@@ -16,7 +16,6 @@ Prints a table and writes ``benchmarks/results/handoff_floor.csv`` and ``handoff
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 import statistics
 import sys
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload  # noqa: E402
+from report import save_figure, write_csv  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="1024,4096,16384")
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--workdir", default="/tmp/lragent-bench")
-    ap.add_argument("--tiny", action="store_true", help="a 2-layer model of hidden 128 (a smoke run, not a measurement)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="a 2-layer model of hidden 128 (a smoke run, not a measurement)")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -87,26 +88,24 @@ def main(argv=None) -> int:
         full, lr = statistics.median(t["fullshared"]), statistics.median(t["lrshared"])
         flops = 2 * n * spec.rank * spec.kv_heads * spec.head_dim * spec.layers
         floor = flops / (gflops * 1e9)
-        rows.append(dict(context=n, prefilled=" / ".join(str(pre[m]) for m in engines), fullshared_ms=full * 1e3, lrshared_ms=lr * 1e3, ratio=lr / full,
-                         extra_ms=(lr - full) * 1e3, expansion_mflop=flops / 1e6, gemm_gflops=gflops,
+        rows.append(dict(context=n, prefilled=" / ".join(str(pre[m]) for m in engines), fullshared_ms=full * 1e3,
+                         lrshared_ms=lr * 1e3, ratio=lr / full, extra_ms=(lr - full) * 1e3,
+                         expansion_mflop=flops / 1e6, gemm_gflops=gflops,
                          floor_ms=floor * 1e3, floor_ratio=(full + floor) / full,
                          fullshared_all=" ".join(f"{x * 1e3:.1f}" for x in t["fullshared"]),
                          lrshared_all=" ".join(f"{x * 1e3:.1f}" for x in t["lrshared"])))
         print(f"context {n}: done", flush=True)
     print(f"\nfp32 GEMM on this thread: {gflops:.1f} GFLOP/s; {a.repeats} hand-offs per mode, interleaved\n")
-    print("| context | prefilled (full / lr) | fullshared ms | lrshared ms | ratio | extra ms | expansion MFLOP | floor ms | floor ratio |")
+    print("| context | prefilled (full / lr) | fullshared ms | lrshared ms | ratio | extra ms | expansion MFLOP | "
+          "floor ms | floor ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['context']} | {r['prefilled']} | {r['fullshared_ms']:.1f} | {r['lrshared_ms']:.1f} | {r['ratio']:.3f} | "
-              f"{r['extra_ms']:.1f} | {r['expansion_mflop']:.0f} | {r['floor_ms']:.1f} | {r['floor_ratio']:.3f} |")
+        print(f"| {r['context']} | {r['prefilled']} | {r['fullshared_ms']:.1f} | {r['lrshared_ms']:.1f} | "
+              f"{r['ratio']:.3f} | {r['extra_ms']:.1f} | {r['expansion_mflop']:.0f} | {r['floor_ms']:.1f} | "
+              f"{r['floor_ratio']:.3f} |")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "handoff_floor.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(out / "handoff_floor.csv")
+    write_csv(out / "handoff_floor.csv", rows)
     draw(rows, out / "handoff_floor.png")
     print(f"wrote {out}/handoff_floor.csv, handoff_floor.png")
     return 0
@@ -128,9 +127,7 @@ def draw(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("1-token hand-off TTFT ratio")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

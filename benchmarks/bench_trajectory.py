@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import platform
 import statistics
@@ -41,6 +40,7 @@ from lragent.serve.config import ServeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plots  # noqa: E402
+from report import write_csv  # noqa: E402
 import traces  # noqa: E402
 import workload  # noqa: E402
 from systems import EngineSystem, HttpSystem, lragent_http_system, start_lragent_server, stop_server  # noqa: E402
@@ -270,17 +270,6 @@ def main(argv=None) -> int:
     plots.draw(turn_rows, summary_rows, out)
     print(f"wrote {out}/turns.csv, summary.csv, ttft_per_turn.png, cache_vs_context.png, wall_vs_roles.png")
     return 0
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """All rows' keys as columns (in first-seen order), written to a temp file then renamed."""
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":
