@@ -27,9 +27,11 @@ from lragent.kernels import cpu_native
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import save_figure, write_csv  # noqa: E402
+from workload import Spec  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
-LAYERS, KV, D, G, BLOCK = 8, 4, 64, 4, 16
+SPEC = Spec()                                   # the trace benchmark's model shape
+LAYERS, KV, D, G, BLOCK = SPEC.layers, SPEC.kv_heads, SPEC.head_dim, SPEC.heads // SPEC.kv_heads, 16
 
 
 def setup(n: int, rank: int, roles: int = 3) -> dict:
@@ -68,7 +70,7 @@ def paths(s: dict, rank: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=SPEC.rank)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args(argv)
