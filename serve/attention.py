@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from lragent import kernels
-from lragent.kernels.cpu import Plan, expand_rope, paged_attention_cpu, prepare_b
+from lragent.kernels.cpu import Plan, expand_rope, paged_attention_cpu, prepare_b, rope_rows
 from lragent.kernels.cpu_workspace import Scratch, Workspace
 
 from .config import ServeError
@@ -105,10 +105,11 @@ class TorchBackend(AttentionBackend):
             self.prepared = [prepare_b(b.get("b_k"), b.get("b_v")) for b in b_heads]
         super().prepare(b_heads, cos, sin)
         self.rope_kv = expand_rope(cos, sin, self.n_kv) if self.lowrank and self.key_lora else (None, None)
+        self.rope_rows = rope_rows(cos, sin) if self.lowrank and self.key_lora else None
 
     def plan(self, batch):
         return Plan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, batch.agent_ids, batch.lr_block_table,
-                    self.block_size, *self.rope_kv, self.n_kv, req_ids=batch.seq_ids)
+                    self.block_size, *self.rope_kv, self.n_kv, req_ids=batch.seq_ids, rows=self.rope_rows)
 
     def __call__(self, plan, layer, q, cache, batch, lowrank=True):
         kw = {"scratch": self.scratch}

@@ -81,12 +81,13 @@ def native_threads(monkeypatch):
 @pytest.mark.parametrize("h_kv,d,q,rope", [(4, 64, 16, True), (2, 128, 5, True), (3, 48, 8, True),
                                            (1, 20, 3, True), (4, 64, 16, False), (2, 40, 7, False)])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("through_p", [False, True])
-def test_native_expand_rows_matches_float64(h_kv, d, q, rope, threads, through_p, native_threads):
+@pytest.mark.parametrize("through_p,group", [(False, 0), (True, 2), (True, 4)])
+def test_native_expand_rows_matches_float64(h_kv, d, q, rope, threads, through_p, group, native_threads):
     """out[t] = src[tok[t]] + RoPE_t(l_t Q) for head dims with and without a vector remainder (48, 20, 40),
     out a strided row view, rows split over threads; l_t = lk[t] of a strided column slice, or (``through_p``)
     the row lk[lk_tok[t]] of a wider low-rank table times P, read in place, with the decode scores of a query
-    against the new rows in the same pass (into a column slice of a wider buffer)."""
+    against the new rows in the same pass (into a column slice of a wider buffer), ``group`` query heads per KV head
+    (4: the blocked score path where the vector width allows)."""
     native_threads(threads)
     g = torch.Generator().manual_seed(h_kv * d + q)
     n, w = 300, h_kv * d
@@ -101,8 +102,8 @@ def test_native_expand_rows_matches_float64(h_kv, d, q, rope, threads, through_p
         table = torch.randn(700, 3 * q + 2, generator=g)[:, 1:1 + 3 * q]  # a shared rank 3q, strided rows
         lk_tok = torch.randperm(700, generator=g)[:n]
         p = torch.randn(3 * q, q, generator=g)
-        query = torch.randn(2 * h_kv, d, generator=g)
-        scores = torch.full((2 * h_kv, n + 10), float("nan"))
+        query = torch.randn(group * h_kv, d, generator=g)
+        scores = torch.full((group * h_kv, n + 10), float("nan"))
         cpu_native.expand_rows(src, tok, table, qm, out, *rope_args, lk_tok=lk_tok, p=p, query=query,
                                scores=scores[:, 10:], scale=0.3)
         lk = table[lk_tok].double() @ p.double()
@@ -115,20 +116,72 @@ def test_native_expand_rows_matches_float64(h_kv, d, q, rope, threads, through_p
     ref = src.double()[tok] + x.view(n, w)
     assert (out.double() - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
     if through_p:
-        want = torch.einsum("hd,nhd->hn", query.double(), ref.view(n, h_kv, d).repeat_interleave(2, 1)) * 0.3
+        want = torch.einsum("hd,nhd->hn", query.double(), ref.view(n, h_kv, d).repeat_interleave(group, 1)) * 0.3
         assert (scores[:, 10:].double() - want).abs().max().item() <= 1e-4 * want.abs().max().item()
         assert scores[:, :10].isnan().all()
+        alone = torch.full((group * h_kv, n), float("nan"))                 # scores only, no rows stored
+        assert cpu_native.expand_rows(src, tok, table, qm, None, *rope_args, lk_tok=lk_tok, p=p, query=query,
+                                      scores=alone, scale=0.3) is None
+        assert (alone.double() - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("h_kv,d", [(4, 64), (2, 128), (3, 48), (1, 20)])
+def test_native_expand_rows_half_rope_table(h_kv, d, native_threads):
+    """cos/sin rows of D/2 entries (both halves share their angles, as HF RoPE tables do) give exactly what the
+    full [n, D] rows give, rows and scores."""
+    native_threads(1)
+    g = torch.Generator().manual_seed(d)
+    n, w, q = 70, h_kv * d, 8
+    src, lk, qm = torch.randn(n, w, generator=g), torch.randn(n, q, generator=g), torch.randn(q, w, generator=g)
+    tok = torch.arange(n)
+    cos, sin = (t.float() for t in rope_tables(n, d, g))
+    query = torch.randn(4 * h_kv, d, generator=g)
+    outs = []
+    for c, s_ in ((cos, sin), (cos[:, :d // 2].contiguous(), sin[:, :d // 2].contiguous())):
+        out, scores = torch.empty(n, w), torch.empty(4 * h_kv, n)
+        cpu_native.expand_rows(src, tok, lk, qm, out, c, s_, d, query=query, scores=scores, scale=0.5)
+        outs.append((out, scores))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("h_kv,d,n", [(4, 64, 301), (2, 128, 64), (3, 48, 37), (1, 20, 9), (2, 40, 50)])
+def test_native_expand_rows_streamed_rows_equal_cached_stores(h_kv, d, n, native_threads):
+    """``stream=True`` (non-temporal stores from a row buffer, where the rows are aligned; plain stores otherwise)
+    writes exactly the rows and scores plain stores write, into contiguous rows and into an unaligned strided view,
+    and touches nothing outside the rows."""
+    native_threads(2)
+    g = torch.Generator().manual_seed(n + d)
+    w, q = h_kv * d, 16
+    src, lk, qm = torch.randn(n + 5, w, generator=g), torch.randn(n, q, generator=g), torch.randn(q, w, generator=g)
+    tok = torch.randperm(n + 5, generator=g)[:n]
+    cos, sin = (t.float()[:, :d // 2].contiguous() for t in rope_tables(n, d, g))
+    query = torch.randn(4 * h_kv, d, generator=g)
+    got = []
+    for stream in (False, True):
+        for strided in (False, True):     # rows 1..n of a contiguous buffer; rows of stride w + 3, 1 float in
+            buf = torch.full((n + 2, w + 3) if strided else (n + 2, w), float("nan"))
+            out = buf[1:n + 1, 1:1 + w] if strided else buf[1:n + 1]
+            scores = torch.empty(4 * h_kv, n)
+            cpu_native.expand_rows(src, tok, lk, qm, out, cos, sin, d, query=query, scores=scores, scale=0.5,
+                                   stream=stream)
+            got.append((out.clone(), scores))
+            out.fill_(float("nan"))
+            assert buf.isnan().all()                  # nothing written outside the rows
+    for out, scores in got[1:]:
+        assert torch.equal(out, got[0][0]) and torch.equal(scores, got[0][1])
 
 
 @pytest.mark.parametrize("h,h_kv,d,r", [(16, 4, 64, 48), (8, 2, 128, 16), (6, 2, 40, 5), (3, 1, 20, 0),
-                                        (12, 4, 32, 0), (5, 5, 48, 12)])
+                                        (12, 4, 32, 0), (5, 5, 48, 12), (16, 4, 64, 16), (8, 1, 80, 32),
+                                        (8, 2, 72, 16)])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("indexed", [True, False])
 def test_native_decode_attention_matches_float64(h, h_kv, d, r, threads, indexed, native_threads):
     """One query over n cache rows read in place (by index, or rows 0..n-1 of strided views), P L_v alongside
     (L_v rows by their own index):
     groups of 4, 3, 1 query heads per KV head, head dims with and without a vector remainder (40, 20), r not a
-    multiple of 8, KV heads split over threads."""
+    multiple of 8, KV heads split over threads; P L_v inside the P V loop (4 query heads per KV head, r 16 or 32:
+    head dims 64, 128, 80 = 64 + 16, 72 = 64 + 8) or beside it."""
     native_threads(threads)
     g = torch.Generator().manual_seed(h * d + r)
     n, w = 333, h_kv * d
@@ -184,17 +237,19 @@ def steps_of(total, chunks):
 @pytest.mark.parametrize("key_lora", [True, False])
 def test_workspace_steps_match_reference(key_lora, expansion):
     """A request run as prefill chunks then decode steps, with a workspace of K' that fills as it goes (and one
-    that starts after a reused prefix, the hand-off), equals the float64 reference at every step (values read from
+    that starts after a reused prefix: a chunk, or a 1-token hand-off), equals the float64 reference at every step
+    (values read from
     the cache: V' for a chunk, P V + (P L_v) B_v for a decode step); the workspace is bounded and freed, and holds
     nothing when the keys carry no LoRA (base K is read in place)."""
     n_total, h, h_kv, d, r = 70, 4, 2, 32, 8
     p = make_paged([n_total], [n_total], h, h_kv, d, r, key_lora=key_lora, block_size=8, seed=3)
     q_all = p.pop("q")
-    ws = Workspace(num_layers=2, n_kv=h_kv, head_dim=d, max_tokens=400)
-    for req, chunks in ((7, [16, 24]), (8, [50])):       # 8 starts with 0 rows filled at position 50's chunk
-        for start, end in steps_of(n_total, chunks):
-            if req == 8 and start == 0:
-                start = 40                               # 40 reused positions never expanded before
+    ws = Workspace(num_layers=2, n_kv=h_kv, head_dim=d, max_tokens=700)
+    runs = ((7, steps_of(n_total, [16, 24])),
+            (8, [(40, 50)] + steps_of(n_total, [50])[1:]),     # a chunk after 40 reused positions never expanded
+            (9, [(60, 61)] + steps_of(n_total, [61])[1:]))     # a 1-token hand-off after 60 of them
+    for req, steps in runs:
+        for start, end in steps:
             q = q_all[start:end]
             kw = dict(p, seq_lens=torch.tensor([end], dtype=torch.int32),
                       cu_seqlens_q=torch.tensor([0, end - start], dtype=torch.int32))
@@ -209,11 +264,11 @@ def test_workspace_steps_match_reference(key_lora, expansion):
             if key_lora:
                 assert ws.filled(req, 1) == end
         assert ws.tokens >= n_total if key_lora else ws.tokens == 0
-    assert ws.tokens <= 400
+    assert ws.tokens <= 700
     if not key_lora:
         return
-    ws.release(7)
-    ws.release(8)
+    for req in (7, 8, 9):
+        ws.release(req)
     assert ws.running_bytes == 0 and ws.bytes > 0                     # back in the arena
     ws.trim()
     assert ws.tokens == 0 and ws.bytes == 0

@@ -70,27 +70,42 @@ def expand_rope(cos: torch.Tensor, sin: torch.Tensor, n_kv: int) -> tuple[torch.
     return tuple(t.float()[:, None, :].expand(-1, n_kv, -1).contiguous() for t in (cos, sin))
 
 
+def rope_rows(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [P, D] -> fp32 contiguous rows for the native kernel: [P, D/2] when both halves of every row are
+    equal (HF RoPE: the angles repeat), else [P, D]. A key row then reads D/2 of them, not the H_kv * D of an
+    :func:`expand_rope` row."""
+    cos, sin = cos.float(), sin.float()
+    h = cos.shape[-1] // 2
+    if cos.shape[-1] % 2 == 0 and torch.equal(cos[:, :h], cos[:, h:]) and torch.equal(sin[:, :h], sin[:, h:]):
+        cos, sin = cos[:, :h], sin[:, :h]
+    return cos.contiguous(), sin.contiguous()
+
+
 class Plan:
     """What every layer of one engine step shares: per-sequence lists and flat token indices into the caches
     (block * block_size + slot for positions 0..n-1), and the RoPE rows of the key positions. Built once per step.
 
     ``cos``/``sin`` are [P, D] tables, or [P, H_kv, D] fp32 tables already expanded over the KV heads
-    (:func:`expand_rope`, what the engine keeps): then the per-sequence rows are views, not copies."""
+    (:func:`expand_rope`, what the engine keeps): then the per-sequence rows are views, not copies. ``rows``: the
+    :func:`rope_rows` of the same tables, what the native kernel reads (made here from [P, D] tables)."""
 
     def __init__(self, block_table, seq_lens, cu_seqlens_q, agent_ids, lr_block_table, block_size, cos=None,
-                 sin=None, n_kv: int = 1, req_ids: list[int] | None = None):
+                 sin=None, n_kv: int = 1, req_ids: list[int] | None = None, rows=None):
         self.cu, self.lens = cu_seqlens_q.tolist(), seq_lens.tolist()
         self.req_ids = req_ids        # per sequence, the request id keying its Workspace entry (None: no workspace)
         self.agents = agent_ids.tolist() if agent_ids is not None else [0] * len(self.lens)
         self.tok = self._token_index(block_table, block_size)
         self.lr_tok = self.tok if lr_block_table is None or lr_block_table is block_table else \
             self._token_index(lr_block_table, block_size)
-        self.cos = self.sin = None
+        self.cos = self.sin = self.cos_rows = self.sin_rows = None
         if cos is not None:
             if cos.dim() == 2:
+                rows = rope_rows(cos[:max(self.lens)], sin[:max(self.lens)])
                 cos, sin = expand_rope(cos[:max(self.lens)], sin[:max(self.lens)], n_kv)
             self.cos = [cos[:n] for n in self.lens]
             self.sin = [sin[:n] for n in self.lens]
+            if rows is not None:
+                self.cos_rows, self.sin_rows = ([t[:n] for n in self.lens] for t in rows)
 
     def _token_index(self, table, bs):
         slots = torch.arange(bs, device=table.device)
@@ -176,8 +191,9 @@ def _attend_sequence(qb, src, b, n, scale, causal, ws, req, layer):
 
 def _decode_native(qb, src, b, n, scale, ws, req, layer):
     """One query by the native kernels, every row read in place from the caches: scores over base K, or over K'
-    (the workspace rows already expanded, then the new positions expanded into the workspace, or into scratch
-    without one, with their scores in the same pass); then P V and, with a value term, (P L_v) B_v; [1, H, D]."""
+    (the workspace rows already expanded, then the new positions expanded into the workspace with their scores in
+    the same pass; without a workspace, only their scores); then P V and, with a value term, (P L_v) B_v;
+    [1, H, D]."""
     h, d, n_kv, tok = qb.shape[1], qb.shape[2], src.n_kv, src.plan.tok[b]
     q = qb[0].contiguous()
     s = src.scratch.get("s", h, n)
@@ -187,9 +203,9 @@ def _decode_native(qb, src, b, n, scale, ws, req, layer):
         start = ws.filled(req, layer) if ws is not None else 0
         if start:
             cpu_native.decode_scores(q, ws.rows(req, layer, 0, start).view(start, -1), start, scale, s[:, :start])
-        if start < n:
-            out = ws.rows(req, layer, start, n) if ws is not None else src.scratch.get("k", n - start, n_kv, d)
-            src.keys(b, start, n, out, query=q, scores=s[:, start:], scale=scale)
+        if start < n:       # the new rows, streamed into the workspace (read again only by the next step)
+            src.keys(b, start, n, ws.rows(req, layer, start, n) if ws is not None else None, query=q,
+                     scores=s[:, start:], scale=scale, stream=True)
             if ws is not None:
                 ws.mark(req, layer, n)
     lv = bv = None
@@ -200,7 +216,8 @@ def _decode_native(qb, src, b, n, scale, ws, req, layer):
             lv, bv = lv[:, src.bv_f[a][0]], bv[:, src.bv_f[a][0]]
     o, pl = cpu_native.decode_values(s, src.v_flat2, n, src.scratch.get("o", h, d), tok, lv,
                                      src.plan.lr_tok[b] if lv is not None else None,
-                                     src.scratch.get("pl", h, lv.shape[1]) if lv is not None else None)
+                                     src.scratch.get("pl", h, lv.shape[1]) if lv is not None else None,
+                                     src.scratch.get("p", h, n))
     if lv is not None:
         o.view(n_kv, h // n_kv, d).baddbmm_(pl.view(n_kv, h // n_kv, -1), bv)
     return o.view(1, h, d)
@@ -255,18 +272,22 @@ class _Source:
         return self._gather(flat, self.plan.lr_tok[b][start:end],
                             self.scratch.get("lr" + (part or ""), end - start, flat.shape[-1]))
 
-    def keys(self, b: int, start: int, end: int, out: torch.Tensor, query=None, scores=None,
-             scale: float = 1.0) -> torch.Tensor:
+    def keys(self, b: int, start: int, end: int, out: torch.Tensor | None, query=None, scores=None,
+             scale: float = 1.0, stream: bool = False) -> torch.Tensor | None:
         """K' = K + RoPE(L_k B_k) [end-start, H_kv, D] of positions start..end-1 of sequence b into ``out``: the
         native kernel (one pass per row: gather, accumulate L B in registers, rotate, write; with ``query`` [H, D]
         also its ``scores`` [H, end-start] against the new rows, see ``cpu_native.expand_rows``) or torch ops (ONE
-        matmul of the L_k rows against B_k, all KV heads side by side, rotated into the gathered K in place)."""
+        matmul of the L_k rows against B_k, all KV heads side by side, rotated into the gathered K in place).
+        ``out`` None (native kernel, with ``query``): the scores only, K' not stored. ``stream``: the
+        native kernel writes ``out`` by non-temporal stores (rows nothing reads before the next step)."""
         a, m, n_kv, d = self.plan.agents[b], end - start, self.n_kv, self.d
         cos, sin = self.plan.cos[b][start:end], self.plan.sin[b][start:end]
         if self.native_rows:
+            if self.plan.cos_rows is not None:
+                cos, sin = self.plan.cos_rows[b][start:end], self.plan.sin_rows[b][start:end]
             self._expand_native(self.k_flat2, b, start, end, "k", self.bk_f[a],
-                                out.view(m, n_kv * d), cos.reshape(m, -1), sin.reshape(m, -1), query=query,
-                                scores=scores, scale=scale)
+                                out.view(m, n_kv * d) if out is not None else None, cos.reshape(m, -1),
+                                sin.reshape(m, -1), query=query, scores=scores, scale=scale, stream=stream)
             return out
         lk = self.lowrank(b, start, end, "k")
         k = self._gather(self.k_flat, self.plan.tok[b][start:end], out)

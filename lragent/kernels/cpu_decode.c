@@ -16,23 +16,36 @@
 
 #include "cpu_vec.h"
 
-#define PF 4                                           /* rows prefetched ahead */
+#define PF 16                                          /* rows prefetched ahead by the score pass */
 
+/* prefetch heads [k0, k1) of a row into L2: the rows are scattered (paged) reads the hardware prefetcher misses, and
+   a prefetch into L1 this far ahead evicts what the loop is using (about 2x slower at 4K rows) */
 static inline void prefetch_heads(const float *row, int64_t k0, int64_t k1, int64_t d)
 {
     const char *p = (const char *)(row + k0 * d), *e = (const char *)(row + k1 * d);
     for (; p < e; p += 64)
-        __builtin_prefetch(p, 0, 3);
+        __builtin_prefetch(p, 0, 2);
 }
 
 void lragent_decode_scores(const float *q, int64_t g, int64_t d, const float *k, int64_t k_stride,
                            const int64_t *k_tok, int64_t n, float scale, float *s, int64_t s_stride, int64_t k0,
                            int64_t k1)
 {
-    for (int64_t t = 0; t < n; t++) {
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {                      /* blocks of 4 rows: see group_scores4 */
+        const float *row[4];
+        for (int i = 0; i < 4; i++) {
+            row[i] = k + (k_tok ? k_tok[t + i] : t + i) * k_stride;
+            if (t + PF + i < n)
+                prefetch_heads(k + (k_tok ? k_tok[t + PF + i] : t + PF + i) * k_stride, k0, k1, d);
+        }
+        for (int64_t h = k0; h < k1; h++) {
+            const float *kb[4] = {row[0] + h * d, row[1] + h * d, row[2] + h * d, row[3] + h * d};
+            group_scores4(q, h, g, d, kb, scale, s + t, s_stride);
+        }
+    }
+    for (; t < n; t++) {
         const float *row = k + (k_tok ? k_tok[t] : t) * k_stride;
-        if (t + PF < n)
-            prefetch_heads(k + (k_tok ? k_tok[t + PF] : t + PF) * k_stride, k0, k1, d);
         for (int64_t h = k0; h < k1; h++)
             group_scores(q, h, g, d, row + h * d, scale, s + t, s_stride);
     }
@@ -48,12 +61,48 @@ static inline void values_block(const float *p, int64_t n, const float *const *r
     for (int64_t i = 0; i < nb; i++) {
         const v8 v0 = ld(rows[i] + off), v1 = ld(rows[i] + off + 8);
         for (int64_t j = 0; j < m; j++) {
-            const v8 w = (v8){0} + p[(hq + j) * n + ts[i]];
+            const v8 w = bc(p[(hq + j) * n + ts[i]]);
             a[j][0] += w * v0;
             a[j][1] += w * v1;
         }
     }
     for (int64_t j = 0; j < m; j++) { st(o + (hq + j) * d, a[j][0]); st(o + (hq + j) * d + 8, a[j][1]); }
+}
+
+/* the same for the 4 query heads from hq over 64 columns from off (4 vectors each), and with nl > 0 also
+   pl[hq + j, 0:16 nl] += sum of P[hq + j, t] * L_t[0:16 nl] (the value term's P L_v) from the same broadcasts of P:
+   16 + 4 nl accumulators in registers over the block */
+static inline __attribute__((always_inline)) void values_block4(const float *p, int64_t n, const float *const *rows, const float *const *lrows,
+                                 int64_t t0, int64_t nb, int64_t hq, int64_t off, float *o, int64_t d, float *pl,
+                                 int64_t r, const int nl)
+{
+    v16 a[4][4], b[4][2];
+    for (int j = 0; j < 4; j++) {
+        for (int v = 0; v < 4; v++)
+            a[j][v] = ld16(o + (hq + j) * d + 16 * v);
+        for (int v = 0; v < nl; v++)
+            b[j][v] = ld16(pl + (hq + j) * r + 16 * v);
+    }
+    for (int64_t i = 0; i < nb; i++) {
+        v16 x[4], y[2];
+        for (int v = 0; v < 4; v++)
+            x[v] = ld16(rows[i] + off + 16 * v);
+        for (int v = 0; v < nl; v++)
+            y[v] = ld16(lrows[i] + 16 * v);
+        for (int j = 0; j < 4; j++) {
+            const v16 w = bc16(p[(hq + j) * n + t0 + i]);
+            for (int v = 0; v < 4; v++)
+                a[j][v] += w * x[v];
+            for (int v = 0; v < nl; v++)
+                b[j][v] += w * y[v];
+        }
+    }
+    for (int j = 0; j < 4; j++) {
+        for (int v = 0; v < 4; v++)
+            st16(o + (hq + j) * d + 16 * v, a[j][v]);
+        for (int v = 0; v < nl; v++)
+            st16(pl + (hq + j) * r + 16 * v, b[j][v]);
+    }
 }
 
 #define TB 16                                          /* positions per block of the value pass */
@@ -64,6 +113,8 @@ void lragent_decode_values(const float *p, int64_t g, int64_t d, const float *v,
 {
     const int64_t h0 = k0 * g, h1 = k1 * g;
     const int vec = d % 16 == 0;
+    /* P L in the P V loop: whole groups of 4 query heads, a first 64-column chunk, 16 or 32 columns of L */
+    const int fused = lv && g % 4 == 0 && d >= 64 && (r == 16 || r == 32);
     memset(o + h0 * d, 0, (size_t)((h1 - h0) * d) * sizeof(float));
     if (lv)
         memset(pl + h0 * r, 0, (size_t)((h1 - h0) * r) * sizeof(float));
@@ -75,39 +126,55 @@ void lragent_decode_values(const float *p, int64_t g, int64_t d, const float *v,
             ts[i] = t0 + i;
             rows[i] = v + (v_tok ? v_tok[t0 + i] : t0 + i) * v_stride;
         }
-        if (t0 + TB < n)          /* the next block's rows */
-            for (int64_t i = 0; i < TB && t0 + TB + i < n; i++)
-                prefetch_heads(v + (v_tok ? v_tok[t0 + TB + i] : t0 + TB + i) * v_stride, k0, k1, d);
+        if (t0 + TB < n)          /* the next block's rows (low-rank rows too: single lines the prefetcher misses) */
+            for (int64_t i = 0; i < TB && t0 + TB + i < n; i++) {
+                const int64_t u = t0 + TB + i;
+                prefetch_heads(v + (v_tok ? v_tok[u] : u) * v_stride, k0, k1, d);
+                if (lv)
+                    prefetch_heads(lv + (lv_tok ? lv_tok[u] : u) * lv_stride, 0, 1, r);
+            }
+        const float *lrows[TB];
+        if (lv)
+            for (int64_t i = 0; i < nb; i++)
+                lrows[i] = lv + (lv_tok ? lv_tok[t0 + i] : t0 + i) * lv_stride;
         for (int64_t h = k0; h < k1; h++) {
             for (int64_t gi = 0; gi < g; gi += 4) {
                 const int64_t m = g - gi < 4 ? g - gi : 4, hq = h * g + gi;
+                int64_t c = 0;
+                if (m == 4)         /* 64 columns at a time; the first 64 take P L along when it fits (fused) */
+                    for (; c + 64 <= d; c += 64) {
+                        const int nl = c == 0 && fused ? (int)(r / 16) : 0;
+                        if (nl == 1)
+                            values_block4(p, n, rows, lrows, t0, nb, hq, h * d + c, o + c, d, pl, r, 1);
+                        else if (nl == 2)
+                            values_block4(p, n, rows, lrows, t0, nb, hq, h * d + c, o + c, d, pl, r, 2);
+                        else
+                            values_block4(p, n, rows, lrows, t0, nb, hq, h * d + c, o + c, d, pl, r, 0);
+                    }
                 if (vec) {
-                    for (int64_t c = 0; c < d; c += 16)
+                    for (; c < d; c += 16)
                         values_block(p, n, rows, ts, nb, hq, m, h * d + c, o + c, d);
                 } else {
                     for (int64_t i = 0; i < nb; i++)
                         for (int64_t j = 0; j < m; j++)
-                            for (int64_t c = 0; c < d; c++)
-                                o[(hq + j) * d + c] += p[(hq + j) * n + ts[i]] * rows[i][h * d + c];
+                            for (int64_t cc = c; cc < d; cc++)
+                                o[(hq + j) * d + cc] += p[(hq + j) * n + ts[i]] * rows[i][h * d + cc];
                 }
             }
         }
+        if (fused)
+            continue;
         if (lv && r % 16 == 0) {    /* P L like P V: every query head reads the same L row */
-            const float *lrows[TB];
-            for (int64_t i = 0; i < nb; i++)
-                lrows[i] = lv + (lv_tok ? lv_tok[t0 + i] : t0 + i) * lv_stride;
             for (int64_t hq = h0; hq < h1; hq += 4)
                 for (int64_t c = 0; c < r; c += 16)
                     values_block(p, n, lrows, ts, nb, hq, h1 - hq < 4 ? h1 - hq : 4, c, pl + c, r);
         } else if (lv) {
-            for (int64_t i = 0; i < nb; i++) {
-                const float *lr = lv + (lv_tok ? lv_tok[t0 + i] : t0 + i) * lv_stride;
+            for (int64_t i = 0; i < nb; i++)
                 for (int64_t hq = h0; hq < h1; hq++) {
                     const float w = p[hq * n + t0 + i];
                     for (int64_t c = 0; c < r; c++)
-                        pl[hq * r + c] += w * lr[c];
+                        pl[hq * r + c] += w * lrows[i][c];
                 }
-            }
         }
     }
 }

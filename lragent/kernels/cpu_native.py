@@ -85,7 +85,7 @@ def _build() -> ctypes.CDLL | None:
             continue
         i64, fp, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
         for name, types in (("lragent_expand_rows", [fp, fp, i64, i64, i64, i64, fp, i64, fp, fp, i64, i64, fp, fp,
-                                                     fp, i64, fp, i64, fp, i64, f32, fp, i64]),
+                                                     fp, i64, i64, fp, i64, i64, fp, i64, f32, fp, i64]),
                             ("lragent_decode_scores", [fp, i64, i64, fp, i64, fp, i64, f32, fp, i64, i64, i64]),
                             ("lragent_decode_values", [fp, i64, i64, fp, i64, fp, i64, fp, fp, i64, fp, i64, fp,
                                                        i64, i64])):
@@ -128,43 +128,52 @@ def reset() -> None:
 
 
 QMAX = 256          # the most columns l P may have in the kernel (cpu_expand.c)
+ROW_BUFFER = 8192   # the widest rows (floats) the kernel builds in its stack buffer (4 rows: 128 KB)
 
 
-def expand_rows(src: torch.Tensor, tok: torch.Tensor, lk: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
+def expand_rows(src: torch.Tensor, tok: torch.Tensor, lk: torch.Tensor, q: torch.Tensor, out: torch.Tensor | None,
                 cos: torch.Tensor | None = None, sin: torch.Tensor | None = None, head_dim: int = 0,
                 lk_tok: torch.Tensor | None = None, p: torch.Tensor | None = None,
-                query: torch.Tensor | None = None, scores: torch.Tensor | None = None, scale: float = 1.0
-                ) -> torch.Tensor:
+                query: torch.Tensor | None = None, scores: torch.Tensor | None = None, scale: float = 1.0,
+                stream: bool = False) -> torch.Tensor | None:
     """out[t] = src[tok[t]] + RoPE_t(l_t @ q), all fp32, with l_t the row lk[lk_tok[t]] (lk[t] without an index),
     times ``p`` when given (RoPE with rows cos[t], sin[t] per head of ``head_dim``; plain l_t @ q without cos).
     With ``query`` [H, head_dim] contiguous, also the decode scores of the new rows while they are in cache:
     scores[h, t] = scale * query[h] . out[t, KV head h // (H / H_kv)] (``scores`` [H, n], unit column stride).
     src [N, W] contiguous, tok [n] int64 contiguous, lk [N', r] with unit column stride, p [r, k] contiguous
     (k <= QMAX), q [k, W] contiguous (k = r without p), out [n, W] with unit column stride; cos/sin [n, >= head_dim]
-    with unit column stride. Rows are split over ``torch.get_num_threads()`` threads. Returns ``out``."""
+    with unit column stride, or [n, head_dim / 2] when both halves of a head share their angles (HF RoPE).
+    ``out`` None: the scores only, the rows never stored (``query`` required; W <= ROW_BUFFER). ``stream``: write
+    the rows with non-temporal stores where out's alignment allows (W <= ROW_BUFFER), for rows nothing reads soon:
+    no read of each destination line first, and the cache keeps what it held. Rows are split over
+    ``torch.get_num_threads()`` threads. Returns ``out``."""
     lib = _lib_or_raise()
-    n, w = out.shape
+    n, w = (tok.shape[0], q.shape[1]) if out is None else out.shape
+    assert out is not None or (query is not None and w <= ROW_BUFFER), "out=None computes scores only: pass query"
     r = lk.shape[1]
     k = p.shape[1] if p is not None else r
-    assert src.dtype == lk.dtype == q.dtype == out.dtype == torch.float32 and tok.dtype == torch.int64
+    assert src.dtype == lk.dtype == q.dtype == torch.float32 and tok.dtype == torch.int64
+    assert out is None or out.dtype == torch.float32
     assert src.is_contiguous() and tok.is_contiguous() and q.is_contiguous() and q.shape == (k, w)
-    assert src.shape[1] == w and tok.shape[0] == n and lk.stride(1) == 1 and out.stride(1) == 1
+    assert src.shape[1] == w and tok.shape[0] == n and lk.stride(1) == 1 and (out is None or out.stride(1) == 1)
     assert p is None or (p.dtype == torch.float32 and p.is_contiguous() and p.shape[0] == r and k <= QMAX)
     assert lk_tok is not None or lk.shape[0] >= n
     d = head_dim or w
     cp = sp = None
-    cs = 0
+    cs = ch = 0
     if cos is not None:
-        assert cos.stride() == sin.stride() and cos.stride(1) == 1 and cos.shape[0] == n and cos.shape[1] >= d
-        cp, sp, cs = cos.data_ptr(), sin.data_ptr(), cos.stride(0)
+        assert cos.stride() == sin.stride() and cos.stride(1) == 1 and cos.shape[0] == n
+        assert cos.shape[1] >= d or cos.shape[1] == d // 2 and d % 2 == 0
+        cp, sp, cs, ch = cos.data_ptr(), sin.data_ptr(), cos.stride(0), d // 2 if cos.shape[1] >= d else 0
     qp, g, sp_, ss = None, 0, None, 0
     if query is not None:
         assert query.dtype == torch.float32 and query.is_contiguous() and query.shape[1] == d
         assert scores.shape == (query.shape[0], n) and scores.stride(1) == 1 and query.shape[0] % (w // d) == 0
         qp, g, sp_, ss = query.data_ptr(), query.shape[0] // (w // d), scores.data_ptr(), scores.stride(0)
     args = (src.data_ptr(), tok.data_ptr(), w, d, lk.data_ptr(), lk.stride(0), _index(lk_tok, n),
-            p.data_ptr() if p is not None else None, r, k, q.data_ptr(), cp, sp, cs, out.data_ptr(), out.stride(0),
-            qp, g, scale, sp_, ss)
+            p.data_ptr() if p is not None else None, r, k, q.data_ptr(), cp, sp, cs, ch,
+            out.data_ptr() if out is not None else None, out.stride(0) if out is not None else 0,
+            int(stream and w <= ROW_BUFFER), qp, g, scale, sp_, ss)
     _split(lambda a, b: lib.lragent_expand_rows(*args[:2], a, b, *args[2:]), n,
            min(torch.get_num_threads(), max(1, n // MIN_ROWS_PER_THREAD)))
     return out
@@ -208,21 +217,23 @@ def decode_scores(q: torch.Tensor, k: torch.Tensor, n: int, scale: float, scores
 
 def decode_values(scores: torch.Tensor, v: torch.Tensor, n: int, out: torch.Tensor,
                   v_tok: torch.Tensor | None = None, lv: torch.Tensor | None = None,
-                  lv_tok: torch.Tensor | None = None, pl: torch.Tensor | None = None):
-    """With P the row softmax of ``scores`` [H, n] (contiguous; turned into P in place): (P V into ``out`` [H, D],
-    P L [H, r] or None), all fp32, V_t the row v[v_tok[t]] of v [N, H_kv * D] and L_t the row lv[lv_tok[t]] of
-    lv [N', r] (rows t without an index); ``out`` and ``pl`` (else allocated) contiguous."""
+                  lv_tok: torch.Tensor | None = None, pl: torch.Tensor | None = None,
+                  probs: torch.Tensor | None = None):
+    """With P the row softmax of ``scores`` [H, n] (written into ``probs``, a contiguous [H, n] buffer, else
+    allocated): (P V into ``out`` [H, D], P L [H, r] or None), all fp32, V_t the row v[v_tok[t]] of v [N, H_kv * D]
+    and L_t the row lv[lv_tok[t]] of lv [N', r] (rows t without an index); ``out`` and ``pl`` (else allocated)
+    contiguous."""
     lib = _lib_or_raise()
     (h, d), r = out.shape, lv.shape[1] if lv is not None else 0
     n_kv = v.shape[1] // d
     p = (torch.empty(h, r) if pl is None else pl) if lv is not None else None
-    assert scores.shape == (h, n) and scores.is_contiguous() and out.is_contiguous() and v.shape[1] == n_kv * d
+    assert scores.shape == (h, n) and out.is_contiguous() and v.shape[1] == n_kv * d
     assert p is None or (p.shape == (h, r) and p.is_contiguous()) and (lv_tok is not None or lv.shape[0] >= n)
     (vp, vs), (lp, ls) = _rows(v, "v"), _rows(lv, "lv")
     vt, lt = _index(v_tok, n), _index(lv_tok, n)
-    scores.sub_(scores.amax(-1, keepdim=True)).exp_()
-    scores.div_(scores.sum(-1, keepdim=True))
-    _split(lambda a, b: lib.lragent_decode_values(scores.data_ptr(), h // n_kv, d, vp, vs, vt, n, out.data_ptr(),
+    probs = torch.softmax(scores, -1, out=torch.empty(h, n) if probs is None else probs)     # one fused pass
+    assert probs.shape == (h, n) and probs.is_contiguous()
+    _split(lambda a, b: lib.lragent_decode_values(probs.data_ptr(), h // n_kv, d, vp, vs, vt, n, out.data_ptr(),
                                                   lp, ls, lt, r, p.data_ptr() if p is not None else None, a, b),
            n_kv, _threads(n, n_kv))
     return out, p
