@@ -36,6 +36,7 @@ def test_bench_cpu_expand_small(tmp_path):
                         "--repeats", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {x["path"]: x for x in csv.DictReader(open(tmp_path / "cpu_expand.csv"))}
-    assert set(rows) == {"scores (fullshared)", "expand r=16 + scores", "expand r=1 + scores", "expand r=16, no scores"}
+    assert set(rows) == {"scores (fullshared)", "expand r=16, streamed (lrshared)", "expand r=16, cached stores",
+                         "expand r=16, not stored", "expand r=1, streamed"}
     assert all(float(x["ms_per_layer"]) > 0 for x in rows.values())
     assert (tmp_path / "cpu_expand.png").stat().st_size > 0
