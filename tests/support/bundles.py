@@ -66,17 +66,20 @@ def write_random_bundle(base_dir, out_dir, **kw) -> Path:
 def hf_peft_greedy(base_dir, peft_dir, prompt_ids: list[int], n: int):
     """The oracle: Hugging Face transformers + PEFT with one role's adapter and its own KV cache, greedy.
     Returns (token ids, logits [n, vocab] fp32)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    import inspect
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, str(peft_dir)).eval()
-    toks, logits = [], []
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"   # 5.x renamed it
+    model = PeftModel.from_pretrained(base, str(peft_dir)).eval()
+    toks, logits, cache = [], [], DynamicCache()
     with torch.no_grad():
-        out = model(torch.tensor([prompt_ids]), use_cache=True)
+        out = model(torch.tensor([prompt_ids]), use_cache=True, **{kw: cache})
         for _ in range(n):
             row = out.logits[0, -1].float()
             logits.append(row)
             toks.append(int(row.argmax()))
-            out = model(torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(torch.tensor([[toks[-1]]]), use_cache=True, **{kw: cache})
     return toks, torch.stack(logits)
