@@ -4,7 +4,7 @@
    k[k_tok[t]] and v[v_tok[t]] (rows of H_kv * D floats, any row stride; a NULL index means row t itself):
 
      lragent_decode_scores:  s[hq, t] = scale * q[hq] . K_t[hq / G]        (s: H rows of stride s_stride)
-     (the caller takes the softmax of each row of s in place: P)
+     (the caller takes the softmax of each row of s: P)
      lragent_decode_values:  o[hq]    = sum_t P[hq, t] * V_t[hq / G]                  (o is [H, D])
                              pl[hq]   = sum_t P[hq, t] * L_t            (optional: the value term's P L_v, with
                                                                         L_t = lv[lv_tok[t], :r])
@@ -72,9 +72,10 @@ static inline void values_block(const float *p, int64_t n, const float *const *r
 /* the same for the 4 query heads from hq over 64 columns from off (4 vectors each), and with nl > 0 also
    pl[hq + j, 0:16 nl] += sum of P[hq + j, t] * L_t[0:16 nl] (the value term's P L_v) from the same broadcasts of P:
    16 + 4 nl accumulators in registers over the block */
-static inline __attribute__((always_inline)) void values_block4(const float *p, int64_t n, const float *const *rows, const float *const *lrows,
-                                 int64_t t0, int64_t nb, int64_t hq, int64_t off, float *o, int64_t d, float *pl,
-                                 int64_t r, const int nl)
+static inline __attribute__((always_inline)) void values_block4(const float *p, int64_t n, const float *const *rows,
+                                                                const float *const *lrows, int64_t t0, int64_t nb,
+                                                                int64_t hq, int64_t off, float *o, int64_t d,
+                                                                float *pl, int64_t r, const int nl)
 {
     v16 a[4][4], b[4][2];
     for (int j = 0; j < 4; j++) {

@@ -193,7 +193,8 @@ void lragent_expand_rows(const float *src, const int64_t *tok, int64_t t0, int64
     const int64_t h2 = d / 2, m = 8 * NV;
     const int stream = out && nt && streamable(out, out_stride, w);
     float lp[QMAX], lpb[NR][QMAX];
-    float buf[out && !stream ? 16 : NR * w] __attribute__((aligned(64)));     /* a block's rows before they are streamed out, or never stored */
+    /* a block's rows before they are streamed out, or rows never stored */
+    float buf[out && !stream ? 16 : NR * w] __attribute__((aligned(64)));
     int64_t t = t0;
     if (h2 % 16 == 0)
         for (; t + NR <= t1; t += NR) {

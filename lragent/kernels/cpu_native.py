@@ -3,7 +3,8 @@
 - ``cpu_expand.c`` (:func:`expand_rows`): fused gather + L·B expansion (+ RoPE) of cache rows, the low-rank modes'
   K' = K + RoPE(L_k B_k). With torch ops that took a gather, a matmul into a temporary and three multiply-add passes
   over [n, H_kv*D]: on a 1-token hand-off at 4K context about 2 ms per layer, a third of the step. The C loop reads
-  each cache row once, accumulates L·B in registers and writes K' once.
+  each cache row once, accumulates L·B in registers (4 rows per load of B) and writes K' once, by non-temporal
+  stores when the rows go to a request's workspace (``stream``: nothing reads them before the next step).
 - ``cpu_decode.c`` (:func:`decode_attention`): attention of one query position read straight from the (paged) cache
   rows, with the value term's P·L_v alongside. With torch ops a decode step gathered K and V into a copy (at 4K
   context 8 MB per layer, as long as the two matmuls that follow) before two matrix-vector-shaped bmm calls.

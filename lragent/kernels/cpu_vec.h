@@ -1,6 +1,6 @@
-/* Vector helpers shared by the native CPU kernels (cpu_expand.c, cpu_decode.c): 8-float vectors through GCC/Clang
-   vector extensions (AVX2 registers, halves of AVX-512 ones; plain code elsewhere) and dot products of query
-   heads with one key head. */
+/* Vector helpers shared by the native CPU kernels (cpu_expand.c, cpu_decode.c): 8- and 16-float vectors through
+   GCC/Clang vector extensions (AVX2 and AVX-512 registers; pairs of AVX2 registers, or plain code, elsewhere) and
+   dot products of query heads with key heads. */
 #ifndef LRAGENT_CPU_VEC_H
 #define LRAGENT_CPU_VEC_H
 #include <stdint.h>
