@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"kernels": ROOT / "lragent" / "kernels", "serve": ROOT / "serve", "train": ROOT / "train",
+PACKAGES = {"kernels": ROOT / "kernels" / "src", "serve": ROOT / "serve", "train": ROOT / "train",
             "bundle": ROOT / "lragent" / "bundle"}
 
 
