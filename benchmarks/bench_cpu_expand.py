@@ -53,7 +53,7 @@ def setup(n: int, rank: int, roles: int = 3) -> dict:
     return dict(k=[torch.randn(blocks * BLOCK, w, generator=g) for _ in range(LAYERS)], tok=tok,
                 lk=lr[:, rank:2 * rank], q_b=torch.randn(rank, w, generator=g),
                 cos=angles.cos().contiguous(), sin=angles.sin().contiguous(),
-                out=[ws.rows(0, layer, 0, n).view(n, w) for layer in range(LAYERS)], ws=ws,
+                out=[ws.rows(0, layer, 0, n).view(n, w) for layer in range(LAYERS)],
                 query=torch.randn(KV * G, D, generator=g), scores=torch.empty(KV * G, n),
                 flush=torch.ones(16 << 20))
 
