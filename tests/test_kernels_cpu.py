@@ -146,9 +146,9 @@ def test_native_expand_rows_half_rope_table(h_kv, d, native_threads):
 
 @pytest.mark.parametrize("h_kv,d,n", [(4, 64, 301), (2, 128, 64), (3, 48, 37), (1, 20, 9), (2, 40, 50)])
 def test_native_expand_rows_streamed_rows_equal_cached_stores(h_kv, d, n, native_threads):
-    """``stream=True`` (non-temporal stores from a row buffer, where the rows are aligned; plain stores otherwise)
-    writes exactly the rows and scores plain stores write, into contiguous rows and into an unaligned strided view,
-    and touches nothing outside the rows."""
+    """``stream=True`` (non-temporal stores, from registers or a row buffer, where the rows are aligned; plain stores
+    otherwise) writes exactly the rows and scores plain stores write, into contiguous rows and into an unaligned
+    strided view, and touches nothing outside the rows."""
     native_threads(2)
     g = torch.Generator().manual_seed(n + d)
     w, q = h_kv * d, 16

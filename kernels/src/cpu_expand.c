@@ -14,9 +14,11 @@
    x is never stored: each pair of column blocks (i, i + D/2) of a head is accumulated in registers over the q rank
    columns and written once, so a row costs one read of the cache row and of its low-rank row, r*q + q*W
    multiply-adds and one write (no gathered copy of the low-rank rows, no separate l P pass). Where D/2 is a multiple
-   of 16, rows go in blocks of NR: each Q vector is loaded once for the block's rows. out NULL: the scores only,
-   the rows never stored. nt != 0: the rows are streamed to out by non-temporal stores where out's alignment allows
-   (built in an L1 buffer first, scored there); for rows nothing reads before they would leave the cache anyway
+   of 16, rows go in blocks of NR: each Q vector is loaded once for the block's rows; with AVX-512, D = 64 and 4
+   query heads per KV head (rows4_scored), each finished K' row is scored and stored straight from registers. out
+   NULL: the scores only, the rows never stored. nt != 0: the rows are streamed to out by non-temporal stores where
+   out's alignment allows (from registers, or from an L1 row buffer where the rows are scored after the block);
+   for rows nothing reads before they would leave the cache anyway
    (a decode step's workspace rows: the next step reads them after the whole model's weights), this skips the
    read of each destination line that a cached store costs. Built by cpu_native.py with the machine's compiler
    (-O3, -march=native where it works), called through ctypes (which releases the GIL, so row ranges can run on
@@ -99,13 +101,13 @@ static void times_p(const float *restrict l, const float *restrict P, int64_t r,
 #define NR 4                                           /* rows of a block */
 #define PFB 32                                         /* rows prefetched ahead by the blocked loop */
 
-/* rows4: the NR rows' columns c1 + [0, 16 cp), c2 + [0, 16 cp) of one head (c2 = c1 + D/2, i = c1's offset in its
-   head), cp in {1, 2}: each Q vector loaded once per rank column serves the NR rows (16 x cp x NR accumulators) */
-static inline void rows4(const float *const *s, const float *const *l, int64_t q, const float *restrict Q,
-                         int64_t w, const float *const *cr, const float *const *sr, int64_t c1, int64_t c2, int64_t i,
-                         int64_t ch, float *const *o, const int cp)
+/* a[r][c], b[r][c] = sum_j l[r][j] * Q[j, c1 + 16 c + [0, 16)], ... c2 ...: the rank sums of NR rows' columns
+   c1 + [0, 16 cp) and c2 + [0, 16 cp) of one head, cp in {1, 2}; each Q vector loaded once per rank column serves
+   the NR rows (16 x cp x NR accumulators) */
+static inline __attribute__((always_inline)) void rank4(const float *const *l, int64_t q, const float *restrict Q,
+                                                        int64_t w, int64_t c1, int64_t c2, v16 a[NR][2],
+                                                        v16 b[NR][2], const int cp)
 {
-    v16 a[NR][2], b[NR][2];
     for (int r = 0; r < NR; r++)
         for (int c = 0; c < cp; c++) { a[r][c] = (v16){0}; b[r][c] = (v16){0}; }
     for (int64_t j = 0; j < q; j++) {
@@ -122,6 +124,16 @@ static inline void rows4(const float *const *s, const float *const *l, int64_t q
             for (int c = 0; c < cp; c++) { a[r][c] += lj * q1[c]; b[r][c] += lj * q2[c]; }
         }
     }
+}
+
+/* rows4: the NR rows' columns c1 + [0, 16 cp), c2 + [0, 16 cp) of one head (c2 = c1 + D/2, i = c1's offset in its
+   head), cp in {1, 2}, stored to o[r] */
+static inline void rows4(const float *const *s, const float *const *l, int64_t q, const float *restrict Q,
+                         int64_t w, const float *const *cr, const float *const *sr, int64_t c1, int64_t c2, int64_t i,
+                         int64_t ch, float *const *o, const int cp)
+{
+    v16 a[NR][2], b[NR][2];
+    rank4(l, q, Q, w, c1, c2, a, b, cp);
 #pragma GCC unroll 4
     for (int r = 0; r < NR; r++)               /* every load of the block before its first store */
         for (int c = 0; c < cp; c++) {
@@ -141,6 +153,56 @@ static inline void rows4(const float *const *s, const float *const *l, int64_t q
     for (int r = 0; r < NR; r++)
         for (int c = 0; c < cp; c++) { st16(o[r] + c1 + 16 * c, a[r][c]); st16(o[r] + c2 + 16 * c, b[r][c]); }
 }
+
+#ifdef __AVX512F__
+/* rows4_scored: one whole head of D = 64 (c1 = its first column, c2 = c1 + 32) for the NR rows, each K' row written
+   straight from registers (non-temporal stores with nt, the rows 64-byte aligned) and scored there against the 4
+   query heads at qh (rows of 64 floats): s[m * s_stride + r] = scale * qh[m] . K'[r]. Row by row, so the rank sums
+   of the rows not yet finished and the score sums of those finished share the 32 registers; no row buffer, no
+   reload of K' */
+static inline __attribute__((always_inline)) void rows4_scored(const float *const *s, const float *const *l,
+                                                               int64_t q, const float *restrict Q, int64_t w,
+                                                               const float *const *cr, const float *const *sr,
+                                                               int64_t c1, int64_t c2, int64_t ch, float *const *o,
+                                                               int nt, const float *qh, float scale, float *sc,
+                                                               int64_t s_stride)
+{
+    v16 a[NR][2], b[NR][2];
+    __m512 acc[16];
+    rank4(l, q, Q, w, c1, c2, a, b, 2);
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; r++) {
+        v16 y[4];                                 /* K' row r: columns [0, 16), [16, 32) | [32, 48), [48, 64) */
+        for (int c = 0; c < 2; c++) {
+            const int64_t k = 16 * c;
+            const v16 x1 = a[r][c], x2 = b[r][c];
+            if (cr[r]) {
+                const v16 co = ld16(cr[r] + k), si = ld16(sr[r] + k);
+                const v16 co2 = ch ? ld16(cr[r] + ch + k) : co, si2 = ch ? ld16(sr[r] + ch + k) : si;
+                y[c] = ld16(s[r] + c1 + k) + x1 * co - x2 * si;
+                y[2 + c] = ld16(s[r] + c2 + k) + x2 * co2 + x1 * si2;
+            } else {
+                y[c] = ld16(s[r] + c1 + k) + x1;
+                y[2 + c] = ld16(s[r] + c2 + k) + x2;
+            }
+        }
+        for (int c = 0; o && c < 4; c++) {       /* o NULL: the scores only */
+            float *dst = o[r] + c1 + 16 * c;      /* c1 + 16 c = c2 + 16 (c - 2) for c >= 2 */
+            if (nt)
+                _mm512_stream_ps(dst, (__m512)y[c]);
+            else
+                st16(dst, y[c]);
+        }
+        for (int m = 0; m < 4; m++) {
+            __m512 t = _mm512_mul_ps((__m512)y[0], _mm512_loadu_ps(qh + 64 * m));
+            for (int c = 1; c < 4; c++)
+                t = _mm512_fmadd_ps((__m512)y[c], _mm512_loadu_ps(qh + 64 * m + 16 * c), t);
+            acc[4 * r + m] = t;
+        }
+    }
+    scores16_store(acc, scale, sc, s_stride);
+}
+#endif
 
 /* whether rows of w floats at out (row stride `stride`) can take aligned non-temporal vector stores */
 static int streamable(const float *out, int64_t stride, int64_t w)
@@ -195,6 +257,11 @@ void lragent_expand_rows(const float *src, const int64_t *tok, int64_t t0, int64
     float lp[QMAX], lpb[NR][QMAX];
     /* a block's rows before they are streamed out, or rows never stored */
     float buf[out && !stream ? 16 : NR * w] __attribute__((aligned(64)));
+#ifdef __AVX512F__
+    const int fused = qv && gq == 4 && d == 64;           /* rows4_scored: K' scored and stored from registers */
+#else
+    const int fused = 0;
+#endif
     int64_t t = t0;
     if (h2 % 16 == 0)
         for (; t + NR <= t1; t += NR) {
@@ -209,13 +276,28 @@ void lragent_expand_rows(const float *src, const int64_t *tok, int64_t t0, int64
                 }
                 crb[r] = cos ? cos + (t + r) * cs_stride : 0;
                 srb[r] = sin ? sin + (t + r) * cs_stride : 0;
-                ob[r] = out && !stream ? out + (t + r) * out_stride : buf + r * w;
+                ob[r] = out && (fused || !stream) ? out + (t + r) * out_stride : buf + r * w;
                 if (t + PFB + r < t1) {     /* cache rows are scattered reads the hardware prefetcher misses */
                     prefetch_row(src + tok[t + PFB + r] * w, w * 4);
                     if (lk_tok)
                         prefetch_row(lk + lk_tok[t + PFB + r] * lk_stride, r_ * 4);
                 }
             }
+#ifdef __AVX512F__
+            if (fused) {
+                for (int64_t g = 0; g < w; g += d) {
+                    const float *qh = qv + (g / d) * 4 * d;
+                    float *sch = sc + t + (g / d) * 4 * s_stride;
+                    if (ch)
+                        rows4_scored(sb, lb, q, Q, w, crb, srb, g, g + 32, 32, out ? ob : 0, stream, qh, scale, sch,
+                                     s_stride);
+                    else
+                        rows4_scored(sb, lb, q, Q, w, crb, srb, g, g + 32, 0, out ? ob : 0, stream, qh, scale, sch,
+                                     s_stride);
+                }
+                continue;
+            }
+#endif
             for (int64_t g = 0; g < w; g += d) {
                 int64_t i = 0;
                 for (; i + 32 <= h2; i += 32)       /* ch 0 or D/2, a constant in each copy */

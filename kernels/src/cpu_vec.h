@@ -83,10 +83,39 @@ static inline void group_scores(const float *q, int64_t h, int64_t g, int64_t d,
             s[(hq + j) * s_stride] = acc[j] * scale;
     }
 }
+
+#ifdef __AVX512F__
+/* o[j * s_stride + r] = scale * (the sum of a[4 r + j]'s lanes) for r, j in [0, 4): sixteen dot products that
+   accumulated side by side (a[4 r + j]: query head j against key row r), reduced by one transposing tree of 45
+   shuffles and adds and stored as one 4-float vector per query head */
+static inline void scores16_store(const __m512 *a, float scale, float *o, int64_t s_stride)
+{
+    __m512 b[8], c[4], e[2];
+    for (int i = 0; i < 8; i++)     /* 256-bit halves: b[i] = a[2i] (lanes 0-7) | a[2i+1] (lanes 8-15) */
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++)     /* 128-bit lanes: lane m of c[i] holds a[4i + m] */
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++) {   /* 64-bit pairs: lane m of e[i] holds a[8i + m], a[8i + 4 + m] */
+        const __m512d x = _mm512_castps_pd(c[2 * i]), y = _mm512_castps_pd(c[2 * i + 1]);
+        e[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    /* lane m, element j: the sum of a[4 j + m] = scores of query head m for rows 0..3 */
+    const __m512 f = _mm512_mul_ps(_mm512_set1_ps(scale),
+                                   _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88),
+                                                 _mm512_shuffle_ps(e[0], e[1], 0xDD)));
+    _mm_storeu_ps(o, _mm512_castps512_ps128(f));
+    _mm_storeu_ps(o + s_stride, _mm512_extractf32x4_ps(f, 1));
+    _mm_storeu_ps(o + 2 * s_stride, _mm512_extractf32x4_ps(f, 2));
+    _mm_storeu_ps(o + 3 * s_stride, _mm512_extractf32x4_ps(f, 3));
+}
+#endif
+
 /* s[hq * s_stride + i] = scale * q[hq] . kr[i] for the 4 rows kr[0..3] (each a key head of d floats) and the g query
    heads hq = h * g .. (h + 1) * g - 1: with AVX-512, g % 4 == 0 and d % 16 == 0, per 4 query heads 16 dot products
-   accumulate side by side and one transposing tree of 45 shuffles and adds reduces them to 16 sums, four per
-   query head, stored as one 4-float vector (group_scores per row otherwise) */
+   accumulate side by side and scores16_store reduces and stores them (group_scores per row otherwise) */
 static inline void group_scores4(const float *q, int64_t h, int64_t g, int64_t d, const float *const *kr,
                                  float scale, float *s, int64_t s_stride)
 {
@@ -94,7 +123,7 @@ static inline void group_scores4(const float *q, int64_t h, int64_t g, int64_t d
     if (g % 4 == 0 && d % 16 == 0) {
         for (int64_t gi = 0; gi < g; gi += 4) {
             const float *qh = q + (h * g + gi) * d;
-            __m512 a[16], b[8], c[4], e[2];
+            __m512 a[16];
             for (int i = 0; i < 16; i++)
                 a[i] = _mm512_setzero_ps();
             for (int64_t k = 0; k < d; k += 16) {           /* a[4 r + j] += q[j] . kr[r] over this 16-float part */
@@ -108,26 +137,7 @@ static inline void group_scores4(const float *q, int64_t h, int64_t g, int64_t d
                     a[4 * r + 3] = _mm512_fmadd_ps(q3, x, a[4 * r + 3]);
                 }
             }
-            for (int i = 0; i < 8; i++)     /* 256-bit halves: b[i] = a[2i] (lanes 0-7) | a[2i+1] (lanes 8-15) */
-                b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
-                                     _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
-            for (int i = 0; i < 4; i++)     /* 128-bit lanes: lane m of c[i] holds a[4i + m] */
-                c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
-                                     _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-            for (int i = 0; i < 2; i++) {   /* 64-bit pairs: lane m of e[i] holds a[8i + m], a[8i + 4 + m] */
-                const __m512d x = _mm512_castps_pd(c[2 * i]), y = _mm512_castps_pd(c[2 * i + 1]);
-                e[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                                     _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-            }
-            /* lane m, element j: the sum of a[4 j + m] = scores of query head m for rows 0..3 */
-            const __m512 f = _mm512_mul_ps(_mm512_set1_ps(scale),
-                                           _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88),
-                                                         _mm512_shuffle_ps(e[0], e[1], 0xDD)));
-            float *o = s + (h * g + gi) * s_stride;
-            _mm_storeu_ps(o, _mm512_castps512_ps128(f));
-            _mm_storeu_ps(o + s_stride, _mm512_extractf32x4_ps(f, 1));
-            _mm_storeu_ps(o + 2 * s_stride, _mm512_extractf32x4_ps(f, 2));
-            _mm_storeu_ps(o + 3 * s_stride, _mm512_extractf32x4_ps(f, 3));
+            scores16_store(a, scale, s + (h * g + gi) * s_stride, s_stride);
         }
         return;
     }
