@@ -10,12 +10,13 @@ Systems (``--systems``, per cell with ``--cell CTXxROLES:sys1,sys2``):
 
 Per cell (context, roles): the model (a random-weight Llama of hidden 1024, 8 layers, 16 heads / 4 KV heads,
 head_dim 64, vocab 32000; or ``--model embedded``), one random PEFT adapter per role imported with
-``--share-a exact``, and a seeded trace (``traces.py``). Each repeat replays the trace on every system in turn
-(the order rotates per repeat; each repeat draws its own token ids, so no cache carries over); every system
-generates greedily exactly the trace's decode lengths. Reported per system (median over repeats): hand-off TTFT
-p50/p90 (every turn after the first), whole-trajectory wall time, decode tok/s, prefilled and reused prompt
-tokens, peak cache bytes against the analytic minimum of its cache layout, and whether its greedy trajectory is
-identical to HF + PEFT's.
+``--share-a exact``, and a seeded trace (``traces.py``). Each repeat replays the trace on every system,
+interleaved turn by turn (turn i of every system before turn i + 1 of any, the order rotating per turn, so every
+pair of systems shares the machine's load of the same few seconds; each repeat draws its own token ids, so no cache
+carries over); every system generates greedily exactly the trace's decode lengths. Reported per system (median over
+repeats): hand-off TTFT p50/p90 (every turn after the first), whole-trajectory wall time (the sum of its turns),
+decode tok/s, prefilled and reused prompt tokens, peak cache bytes against the analytic minimum of its cache
+layout, and whether its greedy trajectory is identical to HF + PEFT's.
 
     python benchmarks/bench_trajectory.py                                     # the README's grid (long)
     python benchmarks/bench_trajectory.py --cell 1024x3 --repeats 1          # one small cell, every system
@@ -31,7 +32,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -94,17 +94,30 @@ def analytic_bytes(system: str, rows: list[dict], cfg: dict, rank: int, m: int, 
     return kv * sum(fed.values())             # nonshared, hf-reuse, vllm: every role its own K/V
 
 
-def replay(system, trace: traces.Trace, vocab: int, salt: int) -> list[dict]:
-    """Run every turn of ``trace`` on ``system``; one dict per turn (times, tokens, cache bytes after it)."""
+def replay(system, trace: traces.Trace, vocab: int, salt: int):
+    """Run every turn of ``trace`` on ``system``, yielding one dict per turn (times, tokens, cache bytes after it)."""
     prefix, appends = trace.token_ids(vocab, salt)
-    transcript, rows = list(prefix), []
+    transcript = list(prefix)
     for i, (turn, app) in enumerate(zip(trace.turns, appends)):
         transcript += app
         r = system.run_turn(transcript, turn.role, turn.decode)
-        rows.append(dict(turn=i, role=turn.role, prompt=len(transcript), decode=turn.decode, ttft_s=r.ttft_s,
-                         total_s=r.total_s, prefilled=r.prefilled, reused=r.reused, cache_bytes=system.cache_bytes(),
-                         output=r.output_ids))
+        yield dict(turn=i, role=turn.role, prompt=len(transcript), decode=turn.decode, ttft_s=r.ttft_s,
+                   total_s=r.total_s, prefilled=r.prefilled, reused=r.reused, cache_bytes=system.cache_bytes(),
+                   output=r.output_ids)
         transcript += r.output_ids
+
+
+def replay_interleaved(systems: dict, trace: traces.Trace, vocab: int, salt: int, rotate: int) -> dict[str, list]:
+    """One repeat of ``trace`` on every system, interleaved turn by turn: turn i of every system runs before turn
+    i + 1 of any, in an order that rotates per turn (starting at ``rotate``), so that each pair of systems meets
+    the machine's load of the same few seconds on every turn. Each system replays its own transcript (its own
+    outputs feed its next turns). Per system, its turns' dicts."""
+    runs = {n: replay(s, trace, vocab, salt) for n, s in systems.items()}
+    rows, order = {n: [] for n in systems}, list(systems)
+    for i in range(len(trace.turns)):
+        k = (rotate + i) % len(order)
+        for n in order[k:] + order[:k]:
+            rows[n].append(next(runs[n]))
     return rows
 
 
@@ -204,19 +217,17 @@ def replay_all(cell: Cell, repeats: int, turn_rows: list, summary_rows: list) ->
     t = cell.trace
     runs = {n: [] for n in cell.live}
     outputs = {n: [] for n in cell.live}
-    order = list(cell.live)
     for rep in range(repeats):
-        for name in order[rep % len(order):] + order[:rep % len(order)]:
-            s = cell.live[name]
+        for s in cell.live.values():
             s.reset()
-            t0 = time.perf_counter()
-            rows = replay(s, t, cell.vocab, salt=rep)
+        by_system = replay_interleaved(cell.live, t, cell.vocab, salt=rep, rotate=rep)
+        for name, rows in by_system.items():
             runs[name].append(summarize(rows))
             outputs[name].append([r["output"] for r in rows])
             for r in rows:
                 turn_rows.append(dict(cell=cell.name, system=name, repeat=rep,
                                       **{k: v for k, v in r.items() if k != "output"}))
-            print(f"   rep {rep} {name:16s} {time.perf_counter() - t0:7.1f} s", flush=True)
+            print(f"   rep {rep} {name:16s} {sum(r['total_s'] for r in rows):7.1f} s", flush=True)
     m = 2 if "k_proj" in cell.spec.targets else 1
     for name, rs in runs.items():
         med = {k: statistics.median(r[k] for r in rs) if rs[0][k] is not None else None for k in rs[0]}
@@ -266,7 +277,7 @@ def main(argv=None) -> int:
         write_csv(out / "turns.csv", turn_rows)
         write_csv(out / "summary.csv", summary_rows)
     plots.print_summary(summary_rows)
-    plots.print_ratios(summary_rows)
+    plots.print_ratios(summary_rows, turn_rows)
     plots.draw(turn_rows, summary_rows, out)
     print(f"wrote {out}/turns.csv, summary.csv, ttft_per_turn.png, cache_vs_context.png, wall_vs_roles.png")
     return 0

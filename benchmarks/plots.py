@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import statistics
 import sys
 from pathlib import Path
 
@@ -57,7 +58,19 @@ def print_summary(rows: list[dict]) -> None:
             print("| " + " | ".join(_fmt(r, k, f) for k, _, f in COLS) + " |")
 
 
-def ratios(rows: list[dict]) -> list[tuple[str, str, float]]:
+def paired_handoffs(turn_rows: list[dict], cell: str, a: str = "lrshared", b: str = "fullshared") -> list[float]:
+    """TTFT of ``a`` over ``b`` on each 1-token hand-off they share in ``cell`` (same repeat and turn, one prompt
+    token prefilled by both): the hand-off step itself, side by side, without the mix of contexts a p50 takes."""
+    ttft = {(r["system"], r["repeat"], r["turn"]): r for r in turn_rows if r["cell"] == cell and r["turn"] > 0}
+    out = []
+    for (system, rep, turn), r in ttft.items():
+        other = ttft.get((b, rep, turn))
+        if system == a and other and r["prefilled"] == 1 and other["prefilled"] == 1:
+            out.append(r["ttft_s"] / other["ttft_s"])
+    return out
+
+
+def ratios(rows: list[dict], turn_rows: list[dict] | None = None) -> list[tuple[str, str, float]]:
     """The headline ratios per cell, each from one run of the benchmark: (cell, what, value)."""
     out = []
     for cell in dict.fromkeys(r["cell"] for r in rows):
@@ -72,14 +85,18 @@ def ratios(rows: list[dict]) -> list[tuple[str, str, float]]:
         ratio("hf-reuse", "lrshared", "handoff_ttft_p50", "hf-reuse / lrshared hand-off TTFT (target >= 30)")
         ratio("vllm", "lrshared", "handoff_ttft_p50", "vllm / lrshared hand-off TTFT")
         ratio("lrshared", "nonshared", "peak_cache_bytes", "lrshared / nonshared cache bytes")
+        paired = paired_handoffs(turn_rows or [], cell)
+        if paired:
+            out.append((cell, f"lrshared / fullshared 1-token hand-off TTFT, median of {len(paired)} paired turns",
+                        statistics.median(paired)))
         if "lrshared" in by and by["lrshared"].get("cache_vs_analytic"):
             out.append((cell, "lrshared cache / analytic (target 1 +- 0.02)", by["lrshared"]["cache_vs_analytic"]))
     return out
 
 
-def print_ratios(rows: list[dict]) -> None:
+def print_ratios(rows: list[dict], turn_rows: list[dict] | None = None) -> None:
     print("\n| cell | ratio | value |\n|---|---|---|")
-    for cell, what, v in ratios(rows):
+    for cell, what, v in ratios(rows, turn_rows):
         print(f"| {cell} | {what} | {v:.2f} |")
 
 
@@ -131,5 +148,5 @@ def draw(turn_rows: list[dict], rows: list[dict], out: Path) -> None:
 if __name__ == "__main__":          # redraw and reprint a run: python benchmarks/plots.py benchmarks/results/trajectory
     turns, summary = load(Path(sys.argv[1]))
     print_summary(summary)
-    print_ratios(summary)
+    print_ratios(summary, turns)
     draw(turns, summary, Path(sys.argv[1]))
