@@ -28,3 +28,21 @@ def test_bench_trajectory_small_cell(tmp_path):
         assert abs(float(rows[s]["cache_vs_analytic"]) - 1) <= 0.05, (s, rows[s]["cache_vs_analytic"])
     for f in ("turns.csv", "ttft_per_turn.png", "cache_vs_context.png", "wall_vs_roles.png"):
         assert (out / f).stat().st_size > 0
+    turns = list(csv.DictReader(open(out / "turns.csv")))
+    order = [(row["turn"], row["system"]) for row in turns]          # every system has every turn of the repeat
+    assert sorted(order) == sorted((str(t), s) for t in range(len(order) // len(rows)) for s in rows)
+    handoffs = sum(row["system"] == "lrshared" and row["turn"] != "0" and row["prefilled"] == "1" for row in turns)
+    assert handoffs > 0 and f"1-token hand-off TTFT, median of {handoffs} paired turns" in r.stdout
+
+
+def test_paired_handoffs_pairs_same_turn_and_repeat():
+    """The paired hand-off ratio takes only turns after the first where both systems prefilled one token."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import plots
+    rows = [dict(cell="c", system=s, repeat=rep, turn=t, prefilled=p, ttft_s=v)
+            for s, rep, t, p, v in [("fullshared", 0, 0, 1, 1.0), ("lrshared", 0, 0, 1, 9.0),     # first turn: no
+                                    ("fullshared", 0, 1, 1, 2.0), ("lrshared", 0, 1, 1, 3.0),     # 1.5
+                                    ("fullshared", 0, 2, 5, 2.0), ("lrshared", 0, 2, 5, 8.0),     # a prefill: no
+                                    ("fullshared", 1, 1, 1, 4.0), ("lrshared", 1, 1, 1, 5.0),     # 1.25
+                                    ("lrshared", 1, 2, 1, 5.0)]]                                  # unpaired: no
+    assert sorted(plots.paired_handoffs(rows, "c")) == [1.25, 1.5]
