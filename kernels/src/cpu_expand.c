@@ -126,6 +126,24 @@ static inline __attribute__((always_inline)) void rank4(const float *const *l, i
     }
 }
 
+/* *y1, *y2 = columns c1 + k + [0, 16) and c2 + k + [0, 16) of one K' row: s + RoPE of the rank sums x1, x2 with the
+   cos/sin row cr/sr (i = c1's offset in its head; ch == 0: half-width rows, both halves rotate by the same
+   cos/sin), or s + x when cr is NULL */
+static inline __attribute__((always_inline)) void rope16(const float *s, const float *cr, const float *sr, int64_t c1,
+                                                         int64_t c2, int64_t i, int64_t k, int64_t ch, v16 x1, v16 x2,
+                                                         v16 *y1, v16 *y2)
+{
+    if (cr) {
+        const v16 co = ld16(cr + i + k), si = ld16(sr + i + k);
+        const v16 co2 = ch ? ld16(cr + ch + i + k) : co, si2 = ch ? ld16(sr + ch + i + k) : si;
+        *y1 = ld16(s + c1 + k) + x1 * co - x2 * si;
+        *y2 = ld16(s + c2 + k) + x2 * co2 + x1 * si2;
+    } else {
+        *y1 = ld16(s + c1 + k) + x1;
+        *y2 = ld16(s + c2 + k) + x2;
+    }
+}
+
 /* rows4: the NR rows' columns c1 + [0, 16 cp), c2 + [0, 16 cp) of one head (c2 = c1 + D/2, i = c1's offset in its
    head), cp in {1, 2}, stored to o[r] */
 static inline void rows4(const float *const *s, const float *const *l, int64_t q, const float *restrict Q,
@@ -136,19 +154,8 @@ static inline void rows4(const float *const *s, const float *const *l, int64_t q
     rank4(l, q, Q, w, c1, c2, a, b, cp);
 #pragma GCC unroll 4
     for (int r = 0; r < NR; r++)               /* every load of the block before its first store */
-        for (int c = 0; c < cp; c++) {
-            const int64_t k = 16 * c;
-            const v16 x1 = a[r][c], x2 = b[r][c];
-            if (cr[r]) {              /* ch == 0 (half-width rows): both halves rotate by the same cos/sin */
-                const v16 co = ld16(cr[r] + i + k), si = ld16(sr[r] + i + k);
-                const v16 co2 = ch ? ld16(cr[r] + ch + i + k) : co, si2 = ch ? ld16(sr[r] + ch + i + k) : si;
-                a[r][c] = ld16(s[r] + c1 + k) + x1 * co - x2 * si;
-                b[r][c] = ld16(s[r] + c2 + k) + x2 * co2 + x1 * si2;
-            } else {
-                a[r][c] = ld16(s[r] + c1 + k) + x1;
-                b[r][c] = ld16(s[r] + c2 + k) + x2;
-            }
-        }
+        for (int c = 0; c < cp; c++)
+            rope16(s[r], cr[r], sr[r], c1, c2, i, 16 * c, ch, a[r][c], b[r][c], &a[r][c], &b[r][c]);
 #pragma GCC unroll 4
     for (int r = 0; r < NR; r++)
         for (int c = 0; c < cp; c++) { st16(o[r] + c1 + 16 * c, a[r][c]); st16(o[r] + c2 + 16 * c, b[r][c]); }
@@ -173,19 +180,8 @@ static inline __attribute__((always_inline)) void rows4_scored(const float *cons
 #pragma GCC unroll 4
     for (int r = 0; r < NR; r++) {
         v16 y[4];                                 /* K' row r: columns [0, 16), [16, 32) | [32, 48), [48, 64) */
-        for (int c = 0; c < 2; c++) {
-            const int64_t k = 16 * c;
-            const v16 x1 = a[r][c], x2 = b[r][c];
-            if (cr[r]) {
-                const v16 co = ld16(cr[r] + k), si = ld16(sr[r] + k);
-                const v16 co2 = ch ? ld16(cr[r] + ch + k) : co, si2 = ch ? ld16(sr[r] + ch + k) : si;
-                y[c] = ld16(s[r] + c1 + k) + x1 * co - x2 * si;
-                y[2 + c] = ld16(s[r] + c2 + k) + x2 * co2 + x1 * si2;
-            } else {
-                y[c] = ld16(s[r] + c1 + k) + x1;
-                y[2 + c] = ld16(s[r] + c2 + k) + x2;
-            }
-        }
+        for (int c = 0; c < 2; c++)
+            rope16(s[r], cr[r], sr[r], c1, c2, 0, 16 * c, ch, a[r][c], b[r][c], &y[c], &y[2 + c]);
         for (int c = 0; o && c < 4; c++) {       /* o NULL: the scores only */
             float *dst = o[r] + c1 + 16 * c;      /* c1 + 16 c = c2 + 16 (c - 2) for c >= 2 */
             if (nt)
