@@ -116,21 +116,26 @@ class StepContext:
             return None
         return lora_delta(x, mod, self.batch.groups)
 
-    def attend(self, layer: int, q, k, v, x) -> torch.Tensor:
-        """Write K/V (and L = s x A) of this step's tokens to the cache, then attention over it: [T, H, D]."""
+    def attend(self, layer: int, q, k, v, x, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Write K/V (and L = s x A) of this step's tokens to the cache, then attention over it: [T, H, D].
+        ``extra``: x times the rows the runner fused into the q/k/v matmul (the shared A: L itself), or None."""
         b, c = self.batch, self.cache
         if b.kv_rows.numel():
             c.k_flat[layer][b.kv_slots] = k if self.kv_all else k[b.kv_rows]
             c.v_flat[layer][b.kv_slots] = v if self.kv_all else v[b.kv_rows]
         if self.runner.lowrank and b.lr_rows is not None and b.lr_rows.numel():
-            self._write_lowrank(layer, x)
+            self._write_lowrank(layer, x, extra)
         if self.runner.observer is not None:
             self.runner.observer(layer, x, k, v, b)
         return self.runner.backend(self.plan, layer, q, c, b, lowrank=self.adapters and self.runner.lowrank)
 
-    def _write_lowrank(self, layer: int, x: torch.Tensor) -> None:
+    def _write_lowrank(self, layer: int, x: torch.Tensor, extra: torch.Tensor | None) -> None:
         ad, b, c = self.runner.adapters, self.batch, self.cache
-        xs = x if b.lr_rows.numel() == x.shape[0] else x[b.lr_rows]
+        every = b.lr_rows.numel() == x.shape[0]
+        if extra is not None:                       # L computed by the q/k/v matmul (ModelRunner.fuse_lowrank)
+            c.lr_flat[layer][b.lr_slots] = extra if every else extra[b.lr_rows]
+            return
+        xs = x if every else x[b.lr_rows]
         fused = ad.lr_a_t[layer]
         if fused is not None:                       # A shared by all roles: one matmul for [L_k | L_v]
             lr = xs @ fused
@@ -160,8 +165,20 @@ class ModelRunner:
         self.cos = self.sin = torch.empty(0, cfg.head_dim)
         self.refresh_adapters()
 
+    def fuse_lowrank(self) -> None:
+        """In the low-rank modes with a shared A, have the model compute L = s x A in its q/k/v matmul (the family's
+        ``fuse_attention_rows``; ``adapters.lr_a_t`` then views the fused rows, no second copy)."""
+        fuse = getattr(self.model, "fuse_attention_rows", None)
+        if fuse is None or not self.lowrank:
+            return
+        for li, a_t in enumerate(self.adapters.lr_a_t):
+            rows = fuse(li, a_t.T if a_t is not None else None)
+            if rows is not None:
+                self.adapters.lr_a_t[li] = rows.T
+
     def refresh_adapters(self) -> None:
         """Re-read the adapters' layouts (after a role was added) and hand them to the attention backend."""
+        self.fuse_lowrank()
         self.b_heads = [{f"b_{t[0]}": b[t] for t in self.adapters.cached_targets()} for b in self.adapters.b_heads]
         if self.cos.shape[0]:
             self.backend.prepare(self.b_heads, self.cos_dt, self.sin_dt)

@@ -2,8 +2,9 @@
 
 Per layer: RMSNorm -> q/k/v (+ LoRA) -> [Qwen3 per-head q/k RMSNorm] -> RoPE -> ``ctx.attend`` (the runner writes
 the cache and runs the attention backend) -> o (+ LoRA) -> RMSNorm -> gated MLP (+ LoRA). q/k/v are fused
-row-wise (one matmul); gate and up are not (on CPU one [2*intermediate, hidden] matmul runs about 10% slower per row
-than two [intermediate, hidden] ones). ``ctx.lora(layer, target, x)`` returns the LoRA delta of the batch's roles, or
+row-wise (one matmul), and the runner may append rows of its own to that matmul (:meth:`LlamaModel.fuse_attention_rows`:
+the low-rank modes' shared A, whose outputs ``ctx.attend`` gets as ``extra``); gate and up are not (on CPU one
+[2*intermediate, hidden] matmul runs about 10% slower per row than two [intermediate, hidden] ones). ``ctx.lora(layer, target, x)`` returns the LoRA delta of the batch's roles, or
 None where the target carries none (or, in the low-rank cache modes, for k/v: applied at attention time instead).
 """
 from __future__ import annotations
@@ -59,6 +60,8 @@ class LayerWeights:
     bu: torch.Tensor | None = None
     bd: torch.Tensor | None = None
     qk_norm: torch.Tensor | None = None    # Qwen3: per-head q and k norm weights stacked [(H + H_kv), D]
+    wqkvx: torch.Tensor | None = None      # [wqkv; extra rows] (wqkv is then a view of its first rows)
+    bqkvx: torch.Tensor | None = None
 
 
 class LlamaModel:
@@ -105,6 +108,30 @@ class LlamaModel:
     def act(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(x)
 
+    def fuse_attention_rows(self, layer: int, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """Append ``rows`` [n, hidden] to the layer's q/k/v matmul (None: remove them): ``forward`` then computes
+        ``hn @ rows^T`` in the same pass over the weights as q/k/v (one call; on CPU a separate [1, hidden] x
+        [hidden, n] product of a cold 1 MB matrix costs about 3x its share of the fused one) and hands it to
+        ``ctx.attend`` as ``extra``. The q/k/v weight becomes a view of the fused one (no second copy). Returns the
+        view of the appended rows (None when removed)."""
+        lw = self.layers[layer]
+        main = lw.wqkv.shape[0]
+        if rows is None:
+            if lw.wqkvx is not None:
+                lw.wqkv, lw.bqkv = lw.wqkv.clone(), None if lw.bqkv is None else lw.bqkv.clone()
+            lw.wqkvx = lw.bqkvx = None
+            return None
+        rows = rows.to(lw.wqkv)
+        if lw.wqkvx is not None and lw.wqkvx.shape[0] == main + rows.shape[0]:
+            lw.wqkvx[main:] = rows
+        else:
+            lw.wqkvx = torch.cat([lw.wqkv, rows]).contiguous()
+            lw.wqkv = lw.wqkvx[:main]
+            if lw.bqkv is not None:
+                lw.bqkvx = torch.cat([lw.bqkv, lw.bqkv.new_zeros(rows.shape[0])])
+                lw.bqkv = lw.bqkvx[:main]
+        return lw.wqkvx[main:]
+
     # -- the block ----------------------------------------------------------------------------------------------
     @staticmethod
     def _add_lora(y: torch.Tensor, ctx, li: int, targets, x: torch.Tensor, widths) -> None:
@@ -122,14 +149,19 @@ class LlamaModel:
         x = self.embed(input_ids)
         for li, lw in enumerate(self.layers):
             hn = self.norm(x, lw.ln1)
-            qkv = F.linear(hn, lw.wqkv, lw.bqkv)
+            extra = None
+            if lw.wqkvx is None:
+                qkv = F.linear(hn, lw.wqkv, lw.bqkv)
+            else:
+                qkvx = F.linear(hn, lw.wqkvx, lw.bqkvx)
+                qkv, extra = qkvx[:, :lw.wqkv.shape[0]], qkvx[:, lw.wqkv.shape[0]:]
             self._add_lora(qkv, ctx, li, QKV, hn, self.splits)
             qkv = qkv.view(n, h + 2 * hk, d)
             qk, v = qkv[:, :h + hk], qkv[:, h + hk:]
             if lw.qk_norm is not None:
                 qk = rms_norm(qk, lw.qk_norm, cfg.rms_norm_eps)
             qk = qk * ctx.cos + rotate_half(qk) * ctx.sin
-            o = ctx.attend(li, qk[:, :h], qk[:, h:], v, hn).reshape(n, h * d)
+            o = ctx.attend(li, qk[:, :h], qk[:, h:], v, hn, extra).reshape(n, h * d)
             y = F.linear(o, lw.wo, lw.bo)
             self._add_lora(y, ctx, li, ("o_proj",), o, (y.shape[1],))
             x = x + y
