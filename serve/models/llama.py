@@ -2,9 +2,10 @@
 
 Per layer: RMSNorm -> q/k/v (+ LoRA) -> [Qwen3 per-head q/k RMSNorm] -> RoPE -> ``ctx.attend`` (the runner writes
 the cache and runs the attention backend) -> o (+ LoRA) -> RMSNorm -> gated MLP (+ LoRA). q/k/v are fused
-row-wise (one matmul), and the runner may append rows of its own to that matmul (:meth:`LlamaModel.fuse_attention_rows`:
-the low-rank modes' shared A, whose outputs ``ctx.attend`` gets as ``extra``); gate and up are not (on CPU one
-[2*intermediate, hidden] matmul runs about 10% slower per row than two [intermediate, hidden] ones). ``ctx.lora(layer, target, x)`` returns the LoRA delta of the batch's roles, or
+row-wise (one matmul), and the runner may append rows of its own to that matmul
+(:meth:`LlamaModel.fuse_attention_rows`: the low-rank modes' shared A, whose outputs ``ctx.attend`` gets as
+``extra``); gate and up are not (on CPU one [2*intermediate, hidden] matmul runs about 10% slower per row than two
+[intermediate, hidden] ones). ``ctx.lora(layer, target, x)`` returns the LoRA delta of the batch's roles, or
 None where the target carries none (or, in the low-rank cache modes, for k/v: applied at attention time instead).
 """
 from __future__ import annotations
