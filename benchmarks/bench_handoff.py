@@ -2,14 +2,14 @@
 
 A hand-off that prefills one token (the previous role's last one) is one decode step in ``fullshared``; in
 ``lrshared`` the reading role must first expand K' = K + RoPE(L_k B_k) over the whole context with its own B_k:
-2 * n * r_role * H_kv * D flops per layer, on top of the step. This script measures both steps side by side on
-the trace benchmark's random Llama (``workload.py``, 3 roles, ``import-peft --share-a exact``), one torch thread,
-repeats interleaved, over a fixed context already in the cache (each hand-off is a new request of another role,
-so the workspace is empty), and sets the measured difference beside the time the expansion's flops take at this
-core's measured fp32 GEMM rate (a large ``torch.mm``, the fastest fp32 arithmetic on the machine): the floor that
-no kernel for this layout can go under on this core.
+2·n·r_role·H_kv·D flops per layer, on top of the step. This script measures both steps side by side on the trace
+benchmark's random Llama (``workload.py``, 3 roles or ``--roles``, ``import-peft --share-a exact``), one torch
+thread, repeats interleaved, over a fixed context already in the cache (each hand-off is a new request of another
+role, so the workspace is empty), and sets the measured difference beside the time the expansion's flops take at
+this core's measured fp32 GEMM rate (a large ``torch.mm``, the fastest fp32 arithmetic on the machine): the floor
+that no kernel for this layout can go under on this core.
 
-    python benchmarks/bench_handoff.py [--contexts 1024,4096,16384] [--repeats 8] [--tiny]
+    python benchmarks/bench_handoff.py [--contexts 1024,4096,16384] [--repeats 8] [--roles 3] [--tiny]
 
 Prints a table and writes ``benchmarks/results/handoff_floor.csv`` and ``handoff_floor.png``.
 """
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="1024,4096,16384")
     ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--roles", type=int, default=3, help="adapters in the bundle (the hand-offs cycle through them)")
     ap.add_argument("--workdir", default="/tmp/lragent-bench")
     ap.add_argument("--tiny", action="store_true",
                     help="a 2-layer model of hidden 128 (a smoke run, not a measurement)")
@@ -73,11 +74,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from lragent.serve import Engine
 
-    spec = workload.Spec(roles=3)
+    if a.roles < 2:
+        ap.error("--roles: at least 2 (a hand-off goes to another role)")
+    spec = workload.Spec(roles=a.roles)
     if a.tiny:
         spec = workload.Spec(hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab=512,
-                             max_positions=2048, roles=3, rank=8)
-    paths = workload.prepare(spec, Path(a.workdir) / ("tiny-r3" if a.tiny else "random-r3"))
+                             max_positions=2048, roles=a.roles, rank=8)
+    paths = workload.prepare(spec, Path(a.workdir) / f"{'tiny' if a.tiny else 'random'}-r{a.roles}")
     engines = {m: Engine(paths["bundle"], mode=m) for m in ("fullshared", "lrshared")}
     for e in engines.values():
         e.warmup()

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_handoff_tiny(tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_handoff.py"), "--tiny", "--contexts",
-                        "64,200", "--repeats", "2", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                        "64,200", "--repeats", "2", "--roles", "4", "--workdir", str(tmp_path / "work"),
+                        "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader(open(out / "handoff_floor.csv")))
