@@ -59,11 +59,14 @@ def test_fused_matches_separate_product(bundle):
         assert (a.logits - b.logits).abs().max().item() <= 1e-5
 
 
-def test_refusing_after_a_role_is_added_keeps_one_copy(bundle):
+def test_adding_a_role_fuses_again_in_place(bundle):
     engine = Engine(bundle, mode="lrshared")
     before = [lw.wqkvx.data_ptr() for lw in engine.runner.model.layers]
-    engine.runner.refresh_adapters()                       # what adding a role does: same A, written in place
-    assert [lw.wqkvx.data_ptr() for lw in engine.runner.model.layers] == before
+    engine.add_base_role("base")                 # new adapter layouts, the same shared A: written in place
+    ad = engine.runner.adapters
+    for li, lw in enumerate(engine.runner.model.layers):
+        assert lw.wqkvx.data_ptr() == before[li]
+        assert ad.lr_a_t[li].data_ptr() == lw.wqkvx[lw.wqkv.shape[0]:].data_ptr()
     plain = Engine(bundle, mode="lrshared")
     unfuse(plain)
     assert [o.token_ids for o in turns(engine)] == [o.token_ids for o in turns(plain)]
