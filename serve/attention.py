@@ -113,9 +113,9 @@ class TorchBackend(AttentionBackend):
 
     def __call__(self, plan, layer, q, cache, batch, lowrank=True):
         kw = {"scratch": self.scratch}
-        if self.lowrank and lowrank:
-            kw.update(self.lowrank_args(layer, cache, batch), prepared=self.prepared[layer],
-                      lr_cache=cache.lr_layers[layer], workspace=self.workspace, layer=layer)
+        if self.lowrank and lowrank:        # B is prepared and the plan made: the caches are all the call needs
+            kw.update(cache.lr_views[layer], prepared=self.prepared[layer], lr_cache=cache.lr_layers[layer],
+                      workspace=self.workspace, layer=layer)
         return paged_attention_cpu(q, cache.k[layer], cache.v[layer], batch.block_table, batch.seq_lens,
                                    batch.cu_seqlens_q, softmax_scale=q.shape[-1] ** -0.5, plan=plan, **kw)
 

@@ -181,7 +181,7 @@ def test_native_decode_attention_matches_float64(h, h_kv, d, r, threads, indexed
     (L_v rows by their own index):
     groups of 4, 3, 1 query heads per KV head, head dims with and without a vector remainder (40, 20), r not a
     multiple of 8, KV heads split over threads; P L_v inside the P V loop (4 query heads per KV head, r 16 or 32:
-    head dims 64, 128, 80 = 64 + 16, 72 = 64 + 8) or beside it."""
+    head dims 64, 128, 80 = 64 + 16, 72 = 64 + 8) or beside it; with B_v, the value term (P L_v) B_v added in."""
     native_threads(threads)
     g = torch.Generator().manual_seed(h * d + r)
     n, w = 333, h_kv * d
@@ -199,7 +199,13 @@ def test_native_decode_attention_matches_float64(h, h_kv, d, r, threads, indexed
     assert (o.double() - ref).abs().max().item() <= 2e-5
     if r:
         s = torch.einsum("hd,hnd->hn", q.double(), k.repeat_interleave(h // h_kv, 0)) * d ** -0.5
-        assert (pl.double() - torch.softmax(s, -1) @ lv.double()).abs().max().item() <= 2e-5
+        pl_ref = torch.softmax(s, -1) @ lv.double()
+        assert (pl.double() - pl_ref).abs().max().item() <= 2e-5
+        # the value term added in the kernel: B_v a strided view (a block of rows of a taller B, as a block basis)
+        bv = torch.randn(h_kv, r + 4, d, generator=g)[:, 2:2 + r]
+        o2, _ = cpu_native.decode_attention(q, kv[0], kv[1], n, d ** -0.5, tok, tok, lv_all, lv_tok, bv=bv)
+        term = torch.einsum("hr,hrd->hd", pl_ref, bv.double().repeat_interleave(h // h_kv, 0))
+        assert (o2.double() - (ref + term)).abs().max().item() <= 2e-5
     else:
         assert pl is None
 

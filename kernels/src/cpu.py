@@ -45,6 +45,21 @@ def prepare_b(b_k: torch.Tensor | None, b_v: torch.Tensor | None) -> dict:
     return out
 
 
+def value_columns(prepared: dict, width: int) -> list[tuple[slice, torch.Tensor]]:
+    """Per adapter of a :func:`prepare_b` dict, (the columns of the [L_k | L_v] rows, ``width`` wide, that its value
+    term reads; its B_v over them [H_kv, q, D]): the L_v columns and all of B_v, or with a block basis
+    (:func:`factor`) only the role's block (a view of B_v). Kept in ``prepared`` (made once per width)."""
+    key = ("v_cols", width)
+    if key not in prepared:
+        out = []
+        for bv, (p, _) in zip(prepared["v"], prepared["v_f"]):
+            lo = width - bv.shape[1]
+            out.append((slice(lo + p.start, lo + p.stop), bv[:, p]) if isinstance(p, slice) else
+                       (slice(lo, width), bv))
+        prepared[key] = out
+    return prepared[key]
+
+
 def factor(b: torch.Tensor, rtol: float = 1e-7) -> tuple[torch.Tensor | slice | None, torch.Tensor]:
     """A role's B [r, W] as (P, Q) with L B = (L P) Q, when that is cheaper: P a slice of rows when B is zero outside
     one block of at most r/2 rows (a block basis of ``import-peft --share-a exact``: L P is a view of L's columns,
@@ -194,7 +209,7 @@ def _decode_native(qb, src, b, n, scale, ws, req, layer):
     (the workspace rows already expanded, then the new positions expanded into the workspace with their scores in
     the same pass; without a workspace, only their scores); then P V and, with a value term, (P L_v) B_v;
     [1, H, D]."""
-    h, d, n_kv, tok = qb.shape[1], qb.shape[2], src.n_kv, src.plan.tok[b]
+    h, d, tok = qb.shape[1], qb.shape[2], src.plan.tok[b]
     q = qb[0].contiguous()
     s = src.scratch.get("s", h, n)
     if src.bk_f is None:
@@ -211,15 +226,12 @@ def _decode_native(qb, src, b, n, scale, ws, req, layer):
     lv = bv = None
     if src.bv is not None:
         a = src.plan.agents[b]
-        lv, bv = src.lr_part("v"), src.bv[a]
-        if isinstance(src.bv_f[a][0], slice):          # a block basis: only the role's columns of L_v
-            lv, bv = lv[:, src.bv_f[a][0]], bv[:, src.bv_f[a][0]]
-    o, pl = cpu_native.decode_values(s, src.v_flat2, n, src.scratch.get("o", h, d), tok, lv,
-                                     src.plan.lr_tok[b] if lv is not None else None,
-                                     src.scratch.get("pl", h, lv.shape[1]) if lv is not None else None,
-                                     src.scratch.get("p", h, n))
-    if lv is not None:
-        o.view(n_kv, h // n_kv, d).baddbmm_(pl.view(n_kv, h // n_kv, -1), bv)
+        cols, bv = src.bv_cols[a]                       # a block basis: only the role's columns of L_v
+        lv = src.lr_flat[:, cols]
+    o, _ = cpu_native.decode_values(s, src.v_flat2, n, src.scratch.get("o", h, d), tok, lv,
+                                    src.plan.lr_tok[b] if lv is not None else None,
+                                    src.scratch.get("pl", h, lv.shape[1]) if lv is not None else None,
+                                    src.scratch.get("p", h, n), bv=bv)
     return o.view(1, h, d)
 
 
@@ -241,6 +253,8 @@ class _Source:
                 self.lr_flat = torch.cat([c.reshape(-1, c.shape[-1]) for c in (lr_k_cache, lr_v_cache)
                                           if c is not None], 1)
             self.r = self.lr_flat.shape[-1] // ((self.bk_f is not None) + (self.bv is not None))
+            if self.bv is not None:
+                self.bv_cols = value_columns(prepared, self.lr_flat.shape[-1])
         self.native_rows = (self.f32 and self.k_flat.is_contiguous() and self.v_flat.is_contiguous() and
                             k_cache.device.type == "cpu" and cpu_native.available() and
                             (prepared is None or self.lr_flat.dtype == torch.float32))
@@ -281,14 +295,16 @@ class _Source:
         ``out`` None (native kernel, with ``query``): the scores only, K' not stored. ``stream``: the
         native kernel writes ``out`` by non-temporal stores (rows nothing reads before the next step)."""
         a, m, n_kv, d = self.plan.agents[b], end - start, self.n_kv, self.d
-        cos, sin = self.plan.cos[b][start:end], self.plan.sin[b][start:end]
         if self.native_rows:
-            if self.plan.cos_rows is not None:
+            if self.plan.cos_rows is not None:                  # rows the kernel reads as they are
                 cos, sin = self.plan.cos_rows[b][start:end], self.plan.sin_rows[b][start:end]
+            else:
+                cos, sin = (t[b][start:end].reshape(m, -1) for t in (self.plan.cos, self.plan.sin))
             self._expand_native(self.k_flat2, b, start, end, "k", self.bk_f[a],
-                                out.view(m, n_kv * d) if out is not None else None, cos.reshape(m, -1),
-                                sin.reshape(m, -1), query=query, scores=scores, scale=scale, stream=stream)
+                                out.view(m, n_kv * d) if out is not None else None, cos, sin, query=query,
+                                scores=scores, scale=scale, stream=stream)
             return out
+        cos, sin = self.plan.cos[b][start:end], self.plan.sin[b][start:end]
         lk = self.lowrank(b, start, end, "k")
         k = self._gather(self.k_flat, self.plan.tok[b][start:end], out)
         x = torch.mm(_times_p(lk, self.bk_f[a]), self.bk_f[a][1], out=self.scratch.get("x", m, n_kv * d))

@@ -8,6 +8,8 @@
      lragent_decode_values:  o[hq]    = sum_t P[hq, t] * V_t[hq / G]                  (o is [H, D])
                              pl[hq]   = sum_t P[hq, t] * L_t            (optional: the value term's P L_v, with
                                                                         L_t = lv[lv_tok[t], :r])
+                             o[hq]   += pl[hq] @ B_v[hq / G]           (optional, with pl: the value term itself,
+                                                                        B_v[h] rows of D at bv + h * bv_hs)
 
    Both walk the positions in order and read each cache row once, for the KV heads [k0, k1) (threads split the
    heads), so the rows are never gathered into a copy first. Built by cpu_native.py with cpu_expand.c. */
@@ -108,9 +110,25 @@ static inline __attribute__((always_inline)) void values_block4(const float *p, 
 
 #define TB 16                                          /* positions per block of the value pass */
 
+/* o[hq] += pl[hq] @ B[hq / g] for the query heads of KV heads [k0, k1): B[h] is r rows of d floats at b + h * hs */
+static void add_value_term(const float *pl, int64_t r, const float *b, int64_t hs, int64_t g, int64_t d, float *o,
+                           int64_t k0, int64_t k1)
+{
+    for (int64_t h = k0; h < k1; h++)
+        for (int64_t hq = h * g; hq < (h + 1) * g; hq++) {
+            float *restrict oh = o + hq * d;
+            for (int64_t j = 0; j < r; j++) {
+                const float w = pl[hq * r + j], *restrict bj = b + h * hs + j * d;
+                for (int64_t c = 0; c < d; c++)
+                    oh[c] += w * bj[c];
+            }
+        }
+}
+
 void lragent_decode_values(const float *p, int64_t g, int64_t d, const float *v, int64_t v_stride,
                            const int64_t *v_tok, int64_t n, float *o, const float *lv, int64_t lv_stride,
-                           const int64_t *lv_tok, int64_t r, float *pl, int64_t k0, int64_t k1)
+                           const int64_t *lv_tok, int64_t r, float *pl, const float *bv, int64_t bv_hs, int64_t k0,
+                           int64_t k1)
 {
     const int64_t h0 = k0 * g, h1 = k1 * g;
     const int vec = d % 16 == 0;
@@ -178,4 +196,6 @@ void lragent_decode_values(const float *p, int64_t g, int64_t d, const float *v,
                 }
         }
     }
+    if (lv && bv)
+        add_value_term(pl, r, bv, bv_hs, g, d, o, k0, k1);
 }

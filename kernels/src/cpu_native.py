@@ -89,7 +89,7 @@ def _build() -> ctypes.CDLL | None:
                                                      fp, i64, i64, fp, i64, i64, fp, i64, f32, fp, i64]),
                             ("lragent_decode_scores", [fp, i64, i64, fp, i64, fp, i64, f32, fp, i64, i64, i64]),
                             ("lragent_decode_values", [fp, i64, i64, fp, i64, fp, i64, fp, fp, i64, fp, i64, fp,
-                                                       i64, i64])):
+                                                       fp, i64, i64, i64])):
             f = getattr(dll, name)
             f.argtypes, f.restype = types, None
         return dll
@@ -219,23 +219,28 @@ def decode_scores(q: torch.Tensor, k: torch.Tensor, n: int, scale: float, scores
 def decode_values(scores: torch.Tensor, v: torch.Tensor, n: int, out: torch.Tensor,
                   v_tok: torch.Tensor | None = None, lv: torch.Tensor | None = None,
                   lv_tok: torch.Tensor | None = None, pl: torch.Tensor | None = None,
-                  probs: torch.Tensor | None = None):
+                  probs: torch.Tensor | None = None, bv: torch.Tensor | None = None):
     """With P the row softmax of ``scores`` [H, n] (written into ``probs``, a contiguous [H, n] buffer, else
     allocated): (P V into ``out`` [H, D], P L [H, r] or None), all fp32, V_t the row v[v_tok[t]] of v [N, H_kv * D]
     and L_t the row lv[lv_tok[t]] of lv [N', r] (rows t without an index); ``out`` and ``pl`` (else allocated)
-    contiguous."""
+    contiguous. With ``bv`` [H_kv, r, D] (rows of D contiguous, any head stride) and ``lv``, ``out`` gets the
+    value term too: out[h] = P V + (P L)[h] @ bv[h // (H / H_kv)]."""
     lib = _lib_or_raise()
     (h, d), r = out.shape, lv.shape[1] if lv is not None else 0
     n_kv = v.shape[1] // d
     p = (torch.empty(h, r) if pl is None else pl) if lv is not None else None
     assert scores.shape == (h, n) and out.is_contiguous() and v.shape[1] == n_kv * d
     assert p is None or (p.shape == (h, r) and p.is_contiguous()) and (lv_tok is not None or lv.shape[0] >= n)
+    assert bv is None or (lv is not None and bv.dtype == torch.float32 and bv.shape == (n_kv, r, d) and
+                          bv.stride(2) == 1 and bv.stride(1) == d)
     (vp, vs), (lp, ls) = _rows(v, "v"), _rows(lv, "lv")
     vt, lt = _index(v_tok, n), _index(lv_tok, n)
+    bp, bs = (bv.data_ptr(), bv.stride(0)) if bv is not None else (None, 0)
     probs = torch.softmax(scores, -1, out=torch.empty(h, n) if probs is None else probs)     # one fused pass
     assert probs.shape == (h, n) and probs.is_contiguous()
     _split(lambda a, b: lib.lragent_decode_values(probs.data_ptr(), h // n_kv, d, vp, vs, vt, n, out.data_ptr(),
-                                                  lp, ls, lt, r, p.data_ptr() if p is not None else None, a, b),
+                                                  lp, ls, lt, r, p.data_ptr() if p is not None else None, bp, bs,
+                                                  a, b),
            n_kv, _threads(n, n_kv))
     return out, p
 
@@ -244,13 +249,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, 
                      k_tok: torch.Tensor | None = None, v_tok: torch.Tensor | None = None,
                      lv: torch.Tensor | None = None, lv_tok: torch.Tensor | None = None,
                      scores: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                     pl: torch.Tensor | None = None):
+                     pl: torch.Tensor | None = None, bv: torch.Tensor | None = None):
     """Attention of one query position over n keys, all fp32: with P = softmax_t(scale * q[h] . K_t), returns
-    (o [H, D] = P V, P L [H, r] or None); :func:`decode_scores` then :func:`decode_values` (their arguments);
-    ``scores`` [H, n] is a contiguous buffer to use (else allocated)."""
+    (o [H, D] = P V (+ (P L) B_v with ``bv``), P L [H, r] or None); :func:`decode_scores` then
+    :func:`decode_values` (their arguments); ``scores`` [H, n] is a contiguous buffer to use (else allocated)."""
     h, d = q.shape
     s = decode_scores(q, k, n, scale, torch.empty(h, n) if scores is None else scores, k_tok)
-    return decode_values(s, v, n, torch.empty(h, d) if out is None else out, v_tok, lv, lv_tok, pl)
+    return decode_values(s, v, n, torch.empty(h, d) if out is None else out, v_tok, lv, lv_tok, pl, bv=bv)
 
 
 def _split(run, n: int, threads: int) -> None:
