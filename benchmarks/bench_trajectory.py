@@ -11,12 +11,13 @@ Systems (``--systems``, per cell with ``--cell CTXxROLES:sys1,sys2``):
 Per cell (context, roles): the model (a random-weight Llama of hidden 1024, 8 layers, 16 heads / 4 KV heads,
 head_dim 64, vocab 32000; or ``--model embedded``), one random PEFT adapter per role imported with
 ``--share-a exact``, and a seeded trace (``traces.py``). Each repeat replays the trace on every system,
-interleaved turn by turn (turn i of every system before turn i + 1 of any, the order rotating per turn, so every
-pair of systems shares the machine's load of the same few seconds; each repeat draws its own token ids, so no cache
-carries over); every system generates greedily exactly the trace's decode lengths. Reported per system (median over
-repeats): hand-off TTFT p50/p90 (every turn after the first), whole-trajectory wall time (the sum of its turns),
-decode tok/s, prefilled and reused prompt tokens, peak cache bytes against the analytic minimum of its cache
-layout, and whether its greedy trajectory is identical to HF + PEFT's.
+interleaved turn by turn (turn i of every system before turn i + 1 of any, in a seeded order drawn per turn, so
+every pair of systems shares the machine's load of the same few seconds and none always follows the same other one;
+a short pause after each turn of an HTTP server, which may still be busy after answering; each repeat draws its own
+token ids, so no cache carries over); every system generates greedily exactly the trace's decode lengths. Reported
+per system (median over repeats): hand-off TTFT p50/p90 (every turn after the first), whole-trajectory wall time
+(the sum of its turns), decode tok/s, prefilled and reused prompt tokens, peak cache bytes against the analytic
+minimum of its cache layout, and whether its greedy trajectory is identical to HF + PEFT's.
 
     python benchmarks/bench_trajectory.py                                     # the README's grid (long)
     python benchmarks/bench_trajectory.py --cell 1024x3 --repeats 1          # one small cell, every system
@@ -30,8 +31,10 @@ import argparse
 import contextlib
 import json
 import platform
+import random
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -52,6 +55,7 @@ DEFAULT_CELLS = ["1024x3@2:" + ",".join(ALL), "4096x3@3:" + ",".join(CORE), "409
                  "react17k@1:fullshared,lrshared"]
 RESULTS = Path(__file__).resolve().parent / "results" / "trajectory"
 SHARED_KV = {"fullshared", "lrshared", "lrbase", "baseshared"}     # one base K/V for every role
+SETTLE_S = 0.5                   # pause after an HTTP system's turn (its server process may still be busy)
 
 
 def parse_cell(text: str, default_systems: list[str], repeats: int) -> tuple[str, int, int, list[str], int]:
@@ -107,17 +111,22 @@ def replay(system, trace: traces.Trace, vocab: int, salt: int):
         transcript += r.output_ids
 
 
-def replay_interleaved(systems: dict, trace: traces.Trace, vocab: int, salt: int, rotate: int) -> dict[str, list]:
+def replay_interleaved(systems: dict, trace: traces.Trace, vocab: int, salt: int, seed: int) -> dict[str, list]:
     """One repeat of ``trace`` on every system, interleaved turn by turn: turn i of every system runs before turn
-    i + 1 of any, in an order that rotates per turn (starting at ``rotate``), so that each pair of systems meets
-    the machine's load of the same few seconds on every turn. Each system replays its own transcript (its own
-    outputs feed its next turns). Per system, its turns' dicts."""
+    i + 1 of any, in an order drawn per turn (seeded by ``seed`` and i), so that each pair of systems meets the
+    machine's load of the same few seconds on every turn and no system always runs right after the same other one.
+    After a turn of a system that runs in another process (an HTTP server) the next waits ``SETTLE_S``: such a
+    server may still be working when its answer has arrived (a 2-core machine shares the cores with it). Each
+    system replays its own transcript (its own outputs feed its next turns). Per system, its turns' dicts."""
     runs = {n: replay(s, trace, vocab, salt) for n, s in systems.items()}
-    rows, order = {n: [] for n in systems}, list(systems)
+    rows = {n: [] for n in systems}
     for i in range(len(trace.turns)):
-        k = (rotate + i) % len(order)
-        for n in order[k:] + order[:k]:
+        order = list(systems)
+        random.Random(seed * 100003 + i).shuffle(order)
+        for n in order:
             rows[n].append(next(runs[n]))
+            if isinstance(systems[n], HttpSystem):
+                time.sleep(SETTLE_S)
     return rows
 
 
@@ -220,7 +229,7 @@ def replay_all(cell: Cell, repeats: int, turn_rows: list, summary_rows: list) ->
     for rep in range(repeats):
         for s in cell.live.values():
             s.reset()
-        by_system = replay_interleaved(cell.live, t, cell.vocab, salt=rep, rotate=rep)
+        by_system = replay_interleaved(cell.live, t, cell.vocab, salt=rep, seed=cell.args.seed * 1000 + rep)
         for name, rows in by_system.items():
             runs[name].append(summarize(rows))
             outputs[name].append([r["output"] for r in rows])
