@@ -226,7 +226,7 @@ def _decode_native(qb, src, b, n, scale, ws, req, layer):
     lv = bv = None
     if src.bv is not None:
         a = src.plan.agents[b]
-        cols, bv = src.bv_cols[a]                       # a block basis: only the role's columns of L_v
+        cols, bv = src.bv_cols[a]          # the role's L_v columns (with a block basis only its block) and B_v
         lv = src.lr_flat[:, cols]
     o, _ = cpu_native.decode_values(s, src.v_flat2, n, src.scratch.get("o", h, d), tok, lv,
                                     src.plan.lr_tok[b] if lv is not None else None,
