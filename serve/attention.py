@@ -18,6 +18,7 @@ import torch
 
 from lragent import kernels
 from lragent.kernels.cpu import Plan, expand_rope, paged_attention_cpu, prepare_b, rope_rows
+from lragent.kernels.cpu_step import DecodeStep, NativeLayers
 from lragent.kernels.cpu_workspace import Scratch, Workspace
 
 from .config import ServeError
@@ -79,13 +80,17 @@ class KernelBackend(AttentionBackend):
 
 class TorchBackend(AttentionBackend):
     """The torch fast path (``lragent.kernels.cpu``) with B and the RoPE tables laid out once and, in the low-rank
-    modes, a workspace of each running request's expanded K'/V' (``lragent.kernels.cpu_workspace``)."""
+    modes, a workspace of each running request's expanded K'/V' (``lragent.kernels.cpu_workspace``). A step whose
+    sequences each have one query runs as a ``cpu_step.DecodeStep`` (the same kernels, with the per-layer Python
+    work done once per step); ``decode_step = False`` sends every step through ``paged_attention_cpu``."""
     name = "torch"
 
     def __init__(self, *, workspace: Workspace | None = None, **kw):
         super().__init__(**kw)
         self.workspace = workspace if self.lowrank else None
         self.scratch = Scratch()
+        self.decode_step = True
+        self.native = None          # cpu_step.NativeLayers of (cache, prepared B), made on the first decode step
 
     def release(self, request_id):
         if self.workspace is not None:
@@ -103,6 +108,7 @@ class TorchBackend(AttentionBackend):
             self.prepared = []
         elif b_heads is not getattr(self, "b_heads", None):      # not when only the RoPE tables grew
             self.prepared = [prepare_b(b.get("b_k"), b.get("b_v")) for b in b_heads]
+            self.native = None
         super().prepare(b_heads, cos, sin)
         self.rope_kv = expand_rope(cos, sin, self.n_kv) if self.lowrank and self.key_lora else (None, None)
         self.rope_rows = rope_rows(cos, sin) if self.lowrank and self.key_lora else None
@@ -112,12 +118,25 @@ class TorchBackend(AttentionBackend):
                     self.block_size, *self.rope_kv, self.n_kv, req_ids=batch.seq_ids, rows=self.rope_rows)
 
     def __call__(self, plan, layer, q, cache, batch, lowrank=True):
+        step = self._step(plan, q, cache, self.lowrank and lowrank) if self.decode_step else None
+        if step is not None:
+            return step(layer, q)
         kw = {"scratch": self.scratch}
         if self.lowrank and lowrank:        # B is prepared and the plan made: the caches are all the call needs
             kw.update(cache.lr_views[layer], prepared=self.prepared[layer], lr_cache=cache.lr_layers[layer],
                       workspace=self.workspace, layer=layer)
         return paged_attention_cpu(q, cache.k[layer], cache.v[layer], batch.block_table, batch.seq_lens,
                                    batch.cu_seqlens_q, softmax_scale=q.shape[-1] ** -0.5, plan=plan, **kw)
+
+    def _step(self, plan, q, cache, lowrank: bool) -> DecodeStep | None:
+        """The step's DecodeStep (made at its first layer; None where the one-query native path does not apply)."""
+        if lowrank not in plan.steps:
+            if self.native is None or self.native.tensors[0] is not cache.k_flat:
+                self.native = NativeLayers(cache.k_flat, cache.v_flat, cache.lr_flat if self.lowrank else None,
+                                           self.prepared if self.lowrank else None)
+            plan.steps[lowrank] = DecodeStep.make(self.native, plan, q, q.shape[-1] ** -0.5, lowrank,
+                                                  self.workspace, self.scratch)
+        return plan.steps[lowrank]
 
 
 BACKENDS = ("auto", "torch", "triton", "reference")

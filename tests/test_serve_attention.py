@@ -130,3 +130,38 @@ def test_engine_workspace_matches_no_workspace(bundle, mode):
     for x, y in zip(outs[0], outs[None]):
         assert x.token_ids == y.token_ids
         assert (x.logits - y.logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["lrshared", "lrbase", "baseshared", "fullshared", "nonshared"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_step_matches_generic_path(bundle, mode, threads, monkeypatch):
+    """Steps whose sequences each have one query run as a DecodeStep (per-step arguments made once for all
+    layers); it gives the same bits as the generic one-query path, with and without the workspace, for a batch of
+    sequences of different roles and lengths, on one thread and on two (rows and heads split over threads)."""
+    from lragent.kernels import cpu_step
+    calls = []
+    real = cpu_step.DecodeStep.__call__
+    monkeypatch.setattr(cpu_step.DecodeStep, "__call__", lambda self, *a: calls.append(len(self.seqs)) or
+                        real(self, *a))
+    monkeypatch.setattr(cpu_step.cpu_native, "MIN_ROWS_PER_THREAD", 4)      # short rows still split
+    prompt = [1] + [5 + (i * 7) % 40 for i in range(40)]
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True, return_logits=True)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outs = {}
+        for fast, ws in ((False, None), (True, None), (True, 0)):
+            eng = Engine(bundle, mode=mode, attention="torch", block_size=8, workspace_tokens=ws)
+            eng.runner.backend.decode_step = fast
+            first = eng.generate(prompt, "planner", sp)
+            batch = eng.generate_batch([prompt + first.token_ids + [9], prompt[:23] + [11, 30], prompt + [2]],
+                                       ["actor", "planner", "actor"], sp)
+            outs[fast, ws] = [first] + batch
+    finally:
+        torch.set_num_threads(old)
+    assert calls and max(calls) == 3                        # batched decode steps took the path
+    for key in ((True, None), (True, 0)):
+        for a, b in zip(outs[key], outs[False, None]):
+            assert a.token_ids == b.token_ids
+            diff = (a.logits - b.logits).abs().max().item()
+            assert diff == 0 if key[1] is None else diff <= 1e-4

@@ -108,6 +108,7 @@ class Plan:
                  sin=None, n_kv: int = 1, req_ids: list[int] | None = None, rows=None):
         self.cu, self.lens = cu_seqlens_q.tolist(), seq_lens.tolist()
         self.req_ids = req_ids        # per sequence, the request id keying its Workspace entry (None: no workspace)
+        self.steps: dict = {}         # what a backend makes once for every layer of this step (cpu_step.DecodeStep)
         self.agents = agent_ids.tolist() if agent_ids is not None else [0] * len(self.lens)
         self.tok = self._token_index(block_table, block_size)
         self.lr_tok = self.tok if lr_block_table is None or lr_block_table is block_table else \

@@ -115,11 +115,12 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def _lib_or_raise():
-    lib = _load()
-    if lib is None:
+def lib() -> ctypes.CDLL:
+    """The loaded library (built on first use); RuntimeError with the reason where it cannot be."""
+    dll = _load()
+    if dll is None:
         raise RuntimeError(f"native CPU kernel unavailable: {_reason}")
-    return lib
+    return dll
 
 
 def reset() -> None:
@@ -148,7 +149,7 @@ def expand_rows(src: torch.Tensor, tok: torch.Tensor, lk: torch.Tensor, q: torch
     the rows with non-temporal stores where out's alignment allows (W <= ROW_BUFFER), for rows nothing reads soon:
     no read of each destination line first, and the cache keeps what it held. Rows are split over
     ``torch.get_num_threads()`` threads. Returns ``out``."""
-    lib = _lib_or_raise()
+    dll = lib()
     n, w = (tok.shape[0], q.shape[1]) if out is None else out.shape
     assert out is not None or (query is not None and w <= ROW_BUFFER), "out=None computes scores only: pass query"
     r = lk.shape[1]
@@ -175,8 +176,7 @@ def expand_rows(src: torch.Tensor, tok: torch.Tensor, lk: torch.Tensor, q: torch
             p.data_ptr() if p is not None else None, r, k, q.data_ptr(), cp, sp, cs, ch,
             out.data_ptr() if out is not None else None, out.stride(0) if out is not None else 0,
             int(stream and w <= ROW_BUFFER), qp, g, scale, sp_, ss)
-    _split(lambda a, b: lib.lragent_expand_rows(*args[:2], a, b, *args[2:]), n,
-           min(torch.get_num_threads(), max(1, n // MIN_ROWS_PER_THREAD)))
+    split(lambda a, b: dll.lragent_expand_rows(*args[:2], a, b, *args[2:]), n, row_threads(n))
     return out
 
 
@@ -195,8 +195,15 @@ def _index(tok: torch.Tensor | None, n: int):
     return tok.data_ptr()
 
 
-def _threads(n: int, n_kv: int) -> int:
+def head_threads(n: int, n_kv: int) -> int:
+    """Threads for a pass over n rows split by KV heads: torch's thread count, at most one per head and per
+    4 * MIN_ROWS_PER_THREAD head rows."""
     return min(torch.get_num_threads(), n_kv, max(1, n * n_kv // (4 * MIN_ROWS_PER_THREAD)))
+
+
+def row_threads(n: int) -> int:
+    """Threads for a pass split by rows: torch's thread count, at most one per MIN_ROWS_PER_THREAD rows."""
+    return min(torch.get_num_threads(), max(1, n // MIN_ROWS_PER_THREAD))
 
 
 def decode_scores(q: torch.Tensor, k: torch.Tensor, n: int, scale: float, scores: torch.Tensor,
@@ -204,15 +211,16 @@ def decode_scores(q: torch.Tensor, k: torch.Tensor, n: int, scale: float, scores
     """scores[h, t] = scale * q[h] . K_t[KV head h // (H / H_kv)] for t < n, all fp32: q [H, D] contiguous, K_t the
     row k[k_tok[t]] (k[t] without an index) of k [N, H_kv * D] (unit column stride), ``scores`` [H, n] with unit
     column stride (a column slice of a wider buffer is fine). KV heads are split over threads. Returns ``scores``."""
-    lib = _lib_or_raise()
+    dll = lib()
     h, d = q.shape
     n_kv = k.shape[1] // d
     assert q.dtype == torch.float32 and q.is_contiguous() and k.shape[1] == n_kv * d and h % n_kv == 0
     assert scores.shape == (h, n) and scores.stride(1) == 1 and scores.dtype == torch.float32
     kp, ks = _rows(k, "k")
     kt = _index(k_tok, n)
-    _split(lambda a, b: lib.lragent_decode_scores(q.data_ptr(), h // n_kv, d, kp, ks, kt, n, scale,
-                                                  scores.data_ptr(), scores.stride(0), a, b), n_kv, _threads(n, n_kv))
+    split(lambda a, b: dll.lragent_decode_scores(q.data_ptr(), h // n_kv, d, kp, ks, kt, n, scale,
+                                                 scores.data_ptr(), scores.stride(0), a, b),
+          n_kv, head_threads(n, n_kv))
     return scores
 
 
@@ -225,7 +233,7 @@ def decode_values(scores: torch.Tensor, v: torch.Tensor, n: int, out: torch.Tens
     and L_t the row lv[lv_tok[t]] of lv [N', r] (rows t without an index); ``out`` and ``pl`` (else allocated)
     contiguous. With ``bv`` [H_kv, r, D] (rows of D contiguous, any head stride) and ``lv``, ``out`` gets the
     value term too: out[h] = P V + (P L)[h] @ bv[h // (H / H_kv)]."""
-    lib = _lib_or_raise()
+    dll = lib()
     (h, d), r = out.shape, lv.shape[1] if lv is not None else 0
     n_kv = v.shape[1] // d
     p = (torch.empty(h, r) if pl is None else pl) if lv is not None else None
@@ -238,10 +246,10 @@ def decode_values(scores: torch.Tensor, v: torch.Tensor, n: int, out: torch.Tens
     bp, bs = (bv.data_ptr(), bv.stride(0)) if bv is not None else (None, 0)
     probs = torch.softmax(scores, -1, out=torch.empty(h, n) if probs is None else probs)     # one fused pass
     assert probs.shape == (h, n) and probs.is_contiguous()
-    _split(lambda a, b: lib.lragent_decode_values(probs.data_ptr(), h // n_kv, d, vp, vs, vt, n, out.data_ptr(),
-                                                  lp, ls, lt, r, p.data_ptr() if p is not None else None, bp, bs,
-                                                  a, b),
-           n_kv, _threads(n, n_kv))
+    split(lambda a, b: dll.lragent_decode_values(probs.data_ptr(), h // n_kv, d, vp, vs, vt, n, out.data_ptr(),
+                                                 lp, ls, lt, r, p.data_ptr() if p is not None else None, bp, bs,
+                                                 a, b),
+          n_kv, head_threads(n, n_kv))
     return out, p
 
 
@@ -258,7 +266,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, 
     return decode_values(s, v, n, torch.empty(h, d) if out is None else out, v_tok, lv, lv_tok, pl, bv=bv)
 
 
-def _split(run, n: int, threads: int) -> None:
+def split(run, n: int, threads: int) -> None:
     """run(a, b) over [0, n) in ``threads`` contiguous parts, on the pool's threads (ctypes releases the GIL)."""
     if threads <= 1:
         run(0, n)

@@ -156,6 +156,13 @@ class Workspace:
         off = self.reqs[req][0]
         return self.kv[layer, off + start:off + end]
 
+    def addresses(self, req: int) -> tuple[int, int, list[int]]:
+        """For native callers: (the address of ``req``'s first row in layer 0, the bytes from one layer's rows to
+        the next's, its per-layer expanded counts as the live list that :meth:`mark` updates); valid until the
+        next ``reserve`` or ``release`` of ``req``."""
+        off, _, filled = self.reqs[req]
+        return self.kv[0, off].data_ptr(), self.kv.stride(0) * self.kv.element_size(), filled
+
     def mark(self, req: int, layer: int, end: int) -> None:
         """Record that positions up to ``end`` of ``req`` are expanded in ``layer``."""
         self.reqs[req][2][layer] = end
