@@ -80,7 +80,7 @@ class KernelBackend(AttentionBackend):
 
 class TorchBackend(AttentionBackend):
     """The torch fast path (``lragent.kernels.cpu``) with B and the RoPE tables laid out once and, in the low-rank
-    modes, a workspace of each running request's expanded K'/V' (``lragent.kernels.cpu_workspace``). A step whose
+    modes, a workspace of each running request's expanded K' (``lragent.kernels.cpu_workspace``). A step whose
     sequences each have one query runs as a ``cpu_step.DecodeStep`` (the same kernels, with the per-layer Python
     work done once per step); ``decode_step = False`` sends every step through ``paged_attention_cpu``."""
     name = "torch"

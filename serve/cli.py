@@ -43,7 +43,7 @@ def _engine_args(p: argparse.ArgumentParser, *, allow_all: bool = False) -> None
                    help="tokens per engine step (longer prompts are prefilled in chunks)")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences running at once")
     p.add_argument("--workspace-tokens", type=int, default=d.workspace_tokens,
-                   help="low-rank modes, torch attention: rows of expanded K'/V' kept for running requests "
+                   help="low-rank modes, torch attention: rows of expanded K' kept for running requests "
                         "(default: --cache-tokens; 0: none, re-expand every step)")
     p.add_argument("--attention", default=d.attention, help=" | ".join(ATTENTION_BACKENDS))
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")

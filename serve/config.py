@@ -30,7 +30,7 @@ class ServeConfig:
                                      # 512-row chunk runs the fp32 GEMMs ~20% slower per row than 1024-2048)
     max_num_seqs: int = 64           # sequences running at once
     attention: str = "auto"          # auto | torch | triton | reference
-    workspace_tokens: int | None = None  # torch backend, low-rank modes: bound on the expanded K'/V' rows held for
+    workspace_tokens: int | None = None  # torch backend, low-rank modes: bound on the expanded K' rows held for
                                          # running requests and reuse (None: cache_tokens; 0: none, re-expand)
     seed: int | None = None          # engine RNG for requests without a seed (None: from the OS)
 

@@ -104,7 +104,7 @@ def test_engine_on_cuda_matches_cpu(bundle, mode):
 
 @pytest.mark.parametrize("mode", ["lrshared", "lrbase", "baseshared"])
 def test_engine_workspace_matches_no_workspace(bundle, mode):
-    """The torch backend's per-request K'/V' workspace changes no output (long prompts run as several chunks, then
+    """The torch backend's per-request K' workspace changes no output (long prompts run as several chunks, then
     a hand-off to another role over the cached prefix), counts its bytes while a request runs and frees them."""
     prompt = [1] + [5 + (i * 7) % 40 for i in range(60)]
     sp = SamplingParams(max_new_tokens=4, ignore_eos=True, return_logits=True)

@@ -16,8 +16,9 @@ repetition):
 A serving engine calls :func:`paged_attention_cpu` with extras made once: ``prepared`` (B laid out per adapter, by
 :func:`prepare_b`, once per engine), ``plan`` (a :class:`Plan`: per-step bookkeeping shared by all layers),
 ``lr_cache`` (the [num_lr_blocks, block_size, m*r] tensor of which ``lr_k_cache`` / ``lr_v_cache`` are views: one
-gather instead of two) and a ``workspace`` (``cpu_workspace.Workspace``: each running request's K'/V' rows, so
-that a step expands only its new positions; with ``lr_width`` it holds K', base V and the L_v rows).
+gather instead of two) and a ``workspace`` (``cpu_workspace.Workspace``: each running request's K' rows, so that a
+step expands only its new positions). A step whose sequences each have one query skips this function:
+``cpu_step.DecodeStep`` runs the same kernels with the per-layer arguments made once per step.
 """
 from __future__ import annotations
 
