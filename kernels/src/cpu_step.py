@@ -21,7 +21,7 @@ from . import cpu_native
 from .cpu import Plan, value_columns
 from .cpu_workspace import Scratch, Workspace
 
-F32 = 4     # bytes per element of every tensor here
+F32, I64 = 4, 8     # bytes per element: fp32 rows, int64 token indices
 
 
 class NativeLayers:
@@ -137,10 +137,10 @@ class DecodeStep:
     def _keys(self, lib, layer: int, sq: dict, qb: int) -> None:
         """Scores of one sequence over K' = K + RoPE(L_k B_k): the rows its workspace already holds, then the new
         rows expanded (into the workspace, by non-temporal stores, or only scored without one)."""
-        L, n, start, out = self.layers, sq["n"], 0, None
+        L, n, start, out, entry = self.layers, sq["n"], 0, None, sq["ws"]
         g, d, w, n_kv, s = self.g, L.d, L.w, L.n_kv, sq["s_ptr"]
-        if sq["ws"] is not None:
-            ws, req, base, layer_bytes, filled = sq["ws"]
+        if entry is not None:
+            ws, req, base, layer_bytes, filled = entry
             rows = base + layer * layer_bytes
             start = filled[layer]
             if start:
@@ -150,12 +150,12 @@ class DecodeStep:
             out = rows + start * w * F32
         if start < n:
             off, r, p, k, qm = L.keys[layer][sq["role"]]
-            tok, lt, cs = sq["tok"] + start * 8, sq["lr_tok"] + start * 8, sq["cs"]
+            tok, lt, cs = sq["tok"] + start * I64, sq["lr_tok"] + start * I64, sq["cs"]
             cos, sin = sq["cos"] + start * cs * F32, sq["sin"] + start * cs * F32
-            nt = int(out is not None and w <= cpu_native.ROW_BUFFER)
+            nt = int(out is not None)       # workspace rows: streamed (NativeLayers.ok bounds w by ROW_BUFFER)
             cpu_native.split(lambda a, b: lib.lragent_expand_rows(L.k[layer], tok, a, b, w, d, L.lr[layer] + off,
                                                                   L.width, lt, p, r, k, qm, cos, sin, cs, sq["ch"],
                                                                   out, w, nt, qb, g, self.scale, s + start * F32, n),
                              n - start, cpu_native.row_threads(n - start))
-            if sq["ws"] is not None:
-                sq["ws"][0].mark(sq["ws"][1], layer, n)
+            if entry is not None:
+                ws.mark(req, layer, n)
